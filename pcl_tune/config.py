@@ -1,0 +1,385 @@
+"""The typed configuration of one PCL pretraining run, with its defaults in one place.
+
+A config is nested dataclasses; files and the command line address fields by dotted path
+(``optim.lr``, ``pcl.k``). :func:`config_from_dict` accepts nested mappings, dotted keys, or
+both, and rejects unknown keys and wrong types with a message that names the key, the value and
+what was expected. All accuracies the loop reports are in percent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key, the value and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """digits (embedded default) | folder | cifar10 | cifar100 | miniimagenet."""
+    root: str | None = None
+    """Dataset root for folder / cifar / miniimagenet."""
+    download: bool = False
+    """Allow torchvision to download CIFAR (never done implicitly)."""
+    image_size: int | None = None
+    """Training crop size; default: the dataset's (32 digits/CIFAR, 84 mini-ImageNet, 224 folder)."""
+    load_size: int | None = None
+    """Side images are decoded to before augmentation (file datasets); default: image_size * 8/7."""
+    val_fraction: float = 0.1
+    """Held-out fraction of train used as the labelled val split when the dataset has none."""
+    num_workers: int = 2
+    """Decoding processes for file datasets."""
+    digits_copies: list[int] = field(default_factory=lambda: [3, 2, 2])
+    """digits: scenes rendered per source glyph in train / val / test."""
+    subset: int | None = None
+    """Use only the first N training images (smoke tests)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "small_cnn"
+    """small_cnn | resnet18 | resnet50."""
+    width: int = 32
+    """small_cnn base width."""
+    small_stem: bool = True
+    """ResNet: 3x3 stride-1 stem without max-pool (for images below ~96 px)."""
+    head: str = "mlp"
+    """Projection head: linear | mlp."""
+    low_dim: int = 128
+    """Embedding dimension."""
+    queue_size: int = 4096
+    """MoCo queue length Q (independent of batch size and of pcl.num_negatives)."""
+    momentum: float = 0.99
+    """Key-encoder EMA momentum."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.06
+    batch_size: int = 128
+    """Per-process batch size."""
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    """cosine | step (lr x0.1 at each epoch in lr_steps)."""
+    lr_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PCLConfig:
+    temperature: float = 0.2
+    """InfoNCE temperature."""
+    proto_temperature: float = 0.2
+    """Mean concentration phi of every clustering level (PCL's temperature)."""
+    warmup_epochs: int = 2
+    """Epochs of InfoNCE only before clustering starts (reference: 20)."""
+    cluster_schedule: Any = "10,20,40"
+    """Cluster counts per level and epoch; see pcl_tune.clustering.ClusterSchedule."""
+    proto_loss: str = "proto_nce"
+    """proto_nce | topk | topk_below (top-K for levels with fewer than topk_threshold clusters)."""
+    topk_threshold: int | None = None
+    """For topk_below; default: optim.batch_size."""
+    num_negatives: int = 1024
+    """r, negative prototypes per level (clamped to what exists)."""
+    duplicates: str = "dedupe"
+    """ProtoNCE duplicate positives: dedupe (correct) | remap (the report's fix) | none (reference)."""
+    k: int = 3
+    """Top-K: prototypes pulled."""
+    lam: float = 0.1
+    """Top-K: push weight lambda."""
+    alpha: float = 1.0
+    """Top-K: push margin on the squared distance, in (0, 4]."""
+    weighting: str = "inverse_distance"
+    """Top-K pull weights: inverse_distance | uniform | softmax."""
+    push_reduction: str = "sum"
+    """Top-K push term: sum (the report) | mean."""
+    proto_weight: float = 1.0
+    """Weight of the mean prototype loss added to InfoNCE."""
+
+
+@dataclass
+class ClusteringConfig:
+    backend: str = "auto"
+    """auto | faiss | faiss-gpu | torch."""
+    niter: int = 20
+    nredo: int = 5
+    max_points_per_centroid: int = 1000
+    min_points_per_centroid: int = 10
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_t: float = 0.07
+    """kNN: neighbours and temperature of the similarity weights exp(s / t)."""
+    encoder: str = "key"
+    """Encoder whose backbone features are judged: key (momentum; shares the clustering pass) | query."""
+    batch_size: int = 512
+    every: int = 1
+    """Evaluate every N epochs (and always at the last)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    seed: int = 0
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    amp: bool = True
+    """bfloat16 autocast on CUDA (ignored on CPU)."""
+    threads: int | None = None
+    """torch.set_num_threads for this process; default: leave torch's choice."""
+    progress: bool = True
+    """Print a progress line during epochs."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pcl: PCLConfig = field(default_factory=PCLConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view: {'optim.lr': 0.06, ...}."""
+        return flatten(self.to_dict())
+
+
+SECTIONS = {f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k in SECTIONS and not prefix:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(d: dict[str, Any]) -> dict[str, Any]:
+    """Expand dotted keys into nested dicts; nested and dotted forms may be mixed."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in SECTIONS:
+            v = unflatten(v)
+        parts = str(k).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"key {k!r}: {p!r} is a value, not a section")
+        last = parts[-1]
+        if isinstance(v, dict) and isinstance(node.get(last), dict):
+            node[last].update(v)
+        else:
+            node[last] = v
+    return out
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and lightly coerce) ``value`` against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out = []
+        for item in value:
+            ok, v = _type_ok(item, arg)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{path}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {path}{close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {full!r}{hint}; expected one of: {', '.join(path + n for n in names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full + ".")
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"key {full!r}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any] | None = None) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from nested and/or dotted keys."""
+    cfg = _build(TrainConfig, unflatten(dict(data or {})), "")
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.dataset": ("digits", "folder", "cifar10", "cifar100", "miniimagenet"),
+    "model.backbone": ("small_cnn", "resnet18", "resnet50"),
+    "model.head": ("linear", "mlp"),
+    "optim.schedule": ("cosine", "step"),
+    "pcl.proto_loss": ("proto_nce", "topk", "topk_below"),
+    "pcl.duplicates": ("dedupe", "remap", "none"),
+    "pcl.weighting": ("inverse_distance", "uniform", "softmax"),
+    "pcl.push_reduction": ("sum", "mean"),
+    "clustering.backend": ("auto", "faiss", "faiss-gpu", "torch"),
+    "eval.encoder": ("key", "query"),
+}
+_POSITIVE = ("epochs", "optim.lr", "optim.batch_size", "model.low_dim", "model.queue_size", "model.width",
+             "pcl.temperature", "pcl.proto_temperature", "pcl.k", "pcl.alpha", "clustering.niter",
+             "clustering.nredo", "eval.knn_k", "eval.knn_t", "eval.batch_size", "eval.every")
+_NON_NEGATIVE = ("pcl.warmup_epochs", "pcl.num_negatives", "pcl.lam", "pcl.proto_weight", "optim.weight_decay",
+                 "optim.momentum", "data.num_workers")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that types alone cannot express; raises :class:`ConfigError`."""
+    from .clustering import ClusterSchedule
+
+    flat = cfg.flat()
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"key {key!r}: got {flat[key]!r}, expected one of {', '.join(allowed)}")
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"key {key!r}: got {flat[key]!r}, expected a value > 0")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"key {key!r}: got {flat[key]!r}, expected a value >= 0")
+    if not 0 <= cfg.model.momentum < 1:
+        raise ConfigError(f"key 'model.momentum': got {cfg.model.momentum!r}, expected a value in [0, 1)")
+    if not 0 < cfg.pcl.alpha <= 4:
+        raise ConfigError(f"key 'pcl.alpha': got {cfg.pcl.alpha!r}, expected a value in (0, 4] "
+                          "(a squared distance between unit vectors)")
+    try:
+        ClusterSchedule.parse(cfg.pcl.cluster_schedule, what="key 'pcl.cluster_schedule'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.dataset != "digits" and not cfg.data.root:
+        raise ConfigError(f"key 'data.root': dataset {cfg.data.dataset!r} needs a root folder")
+    if len(cfg.data.digits_copies) != 3 or min(cfg.data.digits_copies) < 1:
+        raise ConfigError(f"key 'data.digits_copies': got {cfg.data.digits_copies!r}, expected three integers >= 1")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a run config or a search-space file as a plain dict of (nested) settings.
+
+    A search-space file (it has a top-level ``search`` or ``fixed`` key) contributes its
+    ``fixed`` settings; searched parameters keep their defaults.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    if "search" in data or "fixed" in data:
+        return dict(data.get("fixed") or {})
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "pcl.cluster_schedule=5,10"]`` -> dotted dict, values read as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        out[key.strip()] = value
+    return out
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two (nested or dotted) config dicts; ``override`` wins."""
+    a, b = unflatten(base), unflatten(override)
+
+    def rec(x: dict[str, Any], y: dict[str, Any]) -> dict[str, Any]:
+        out = dict(x)
+        for k, v in y.items():
+            out[k] = rec(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return rec(a, b)
+
+
+def describe_fields() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every setting; used by docs and ``--help-config``."""
+    import ast
+    import inspect
+
+    rows = []
+    for section_cls, prefix in [(TrainConfig, "")] + [
+        (typing.get_type_hints(TrainConfig)[s], s + ".") for s in sorted(SECTIONS)
+    ]:
+        docs: dict[str, str] = {}
+        tree = ast.parse(inspect.getsource(section_cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value)  # type: ignore[attr-defined]
+        hints = typing.get_type_hints(section_cls)
+        default = section_cls()
+        for f in dataclasses.fields(section_cls):
+            if f.name in SECTIONS and prefix == "":
+                continue
+            rows.append((prefix + f.name, _type_name(hints[f.name]), getattr(default, f.name), docs.get(f.name, "")))
+    return rows

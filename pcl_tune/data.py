@@ -1,0 +1,342 @@
+"""Datasets: the embedded "digit scenes" default, image folders, CIFAR-10/100 and mini-ImageNet.
+
+Every dataset yields ``(index, image, label)`` with ``image`` a uint8 (3, S, S) tensor at the
+dataset's load size; augmentation runs afterwards on whole batches (:mod:`pcl_tune.augment`).
+``label`` is -1 where a split has no labels.
+
+Splits: ``train`` (pretraining and the kNN bank), ``val`` (held-out, labelled: the search
+objective), ``test`` (never touched by the search), and for mini-ImageNet ``fewshot`` (the 16
+validation classes, for N-way K-shot episodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+DATASETS: tuple[str, ...] = ("digits", "folder", "cifar10", "cifar100", "miniimagenet")
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor.
+
+    Args:
+        images: (N, 3, S, S) uint8.
+        labels: (N,) long; -1 for unlabelled.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor, int]:
+        return i, self.images[i], int(self.labels[i])
+
+    def subset(self, indices: Tensor | np.ndarray) -> TensorImageDataset:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return TensorImageDataset(self.images[idx], self.labels[idx])
+
+
+class FileImageDataset(Dataset):
+    """Images read from files, resized (shorter side) and centre-cropped to ``load_size``.
+
+    Args:
+        samples: list of (path, label).
+        load_size: side of the square uint8 image returned.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], load_size: int) -> None:
+        self.samples = samples
+        self.load_size = load_size
+        self.labels = torch.tensor([lab for _, lab in samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor, int]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = self.load_size / min(w, h)
+            nw, nh = max(self.load_size, round(w * scale)), max(self.load_size, round(h * scale))
+            im = im.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - self.load_size) // 2, (nh - self.load_size) // 2
+            im = im.crop((left, top, left + self.load_size, top + self.load_size))
+            arr = np.asarray(im, dtype=np.uint8).copy()
+        return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label
+
+    def subset(self, indices: Tensor | np.ndarray) -> FileImageDataset:
+        return FileImageDataset([self.samples[int(i)] for i in indices], self.load_size)
+
+
+ImageDataset = TensorImageDataset | FileImageDataset
+
+
+@dataclass
+class DatasetSplits:
+    """The splits of one dataset and what the model needs to know about them."""
+
+    name: str
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset | None
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fewshot: ImageDataset | None = None
+
+    def summary(self) -> str:
+        parts = [f"train {len(self.train)}", f"val {len(self.val)}"]
+        if self.test is not None:
+            parts.append(f"test {len(self.test)}")
+        if self.fewshot is not None:
+            parts.append(f"fewshot {len(self.fewshot)}")
+        return f"{self.name}: {', '.join(parts)} images, {self.num_classes} classes, {self.image_size} px"
+
+
+def iterate_batches(
+    dataset: ImageDataset, indices: Tensor | None, batch_size: int, *, num_workers: int = 0
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield ``(index (b,), images uint8 (b, 3, S, S), labels (b,))`` over ``indices`` in order.
+
+    In-memory datasets are sliced directly (no per-sample Python work); file datasets go through
+    a DataLoader with ``num_workers`` decoding processes.
+    """
+    idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    if isinstance(dataset, TensorImageDataset):
+        for start in range(0, idx.numel(), batch_size):
+            b = idx[start:start + batch_size]
+            yield b, dataset.images[b], dataset.labels[b]
+        return
+    loader = DataLoader(torch.utils.data.Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, persistent_workers=False)
+    for b, images, labels in loader:
+        yield b.long(), images, labels.long()
+
+
+# --------------------------------------------------------------------------- digit scenes
+
+def _split_by_source(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> list[np.ndarray]:
+    """Stratified split of source indices into train/val/test by the given fractions."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for c in np.unique(labels):
+        ids = np.flatnonzero(labels == c)
+        rng.shuffle(ids)
+        n_val = int(round(fractions[1] * len(ids)))
+        n_test = int(round(fractions[2] * len(ids)))
+        parts[1].extend(ids[:n_val])
+        parts[2].extend(ids[n_val:n_val + n_test])
+        parts[0].extend(ids[n_val + n_test:])
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def render_digit_scenes(digits: Tensor, *, size: int = 32, seed: int = 0, clutter: int = 3) -> Tensor:
+    """Composite 8x8 digit glyphs into cluttered RGB scenes, deterministically from ``seed``.
+
+    Each scene: a colour gradient background with pixel noise, ``clutter`` random coloured
+    strokes, and the digit scaled to 40-80 % of the canvas, slightly rotated, at a random position,
+    in a random colour that contrasts with the background.
+
+    Args:
+        digits: (N, 8, 8) float glyph intensities in [0, 1].
+
+    Returns:
+        (N, 3, size, size) uint8 scenes.
+    """
+    n = digits.shape[0]
+    g = torch.Generator().manual_seed(seed)
+
+    def u(*shape: int, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=g)
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    # Background: gradient between two random colours along a random direction, plus noise.
+    c0, c1 = u(n, 3, 1, 1), u(n, 3, 1, 1)
+    ang = u(n, lo=0, hi=2 * np.pi)
+    t = ((torch.cos(ang)[:, None, None] * xx + torch.sin(ang)[:, None, None] * yy) + 1.5) / 3.0  # (n, S, S)
+    bg = c0 + (c1 - c0) * t[:, None]
+    bg = bg + 0.08 * torch.randn(n, 3, size, size, generator=g)
+    # Clutter: thick strokes (distance-to-segment fields) in random colours.
+    for _ in range(clutter):
+        p0, p1 = u(n, 2, lo=-1, hi=1), u(n, 2, lo=-1, hi=1)
+        d = p1 - p0
+        px = torch.stack([xx, yy], dim=-1)[None] - p0[:, None, None, :]  # (n, S, S, 2)
+        tt = ((px * d[:, None, None, :]).sum(-1) / (d * d).sum(-1).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
+        dist = (px - tt[..., None] * d[:, None, None, :]).norm(dim=-1)
+        width = u(n, lo=0.03, hi=0.09)[:, None, None]
+        alpha = (1 - dist / width).clamp(0, 1)[:, None]
+        bg = bg * (1 - alpha) + u(n, 3, 1, 1) * alpha
+    # The digit: scale, rotate, translate with one batched affine warp.
+    scale = u(n, lo=0.4, hi=0.8)
+    rot = u(n, lo=-0.3, hi=0.3)
+    max_shift = 1 - scale
+    tx, ty = u(n, lo=-1, hi=1) * max_shift, u(n, lo=-1, hi=1) * max_shift
+    cos, sin = torch.cos(rot) / scale, torch.sin(rot) / scale
+    theta = torch.stack([torch.stack([cos, -sin, -(cos * tx - sin * ty)], 1),
+                         torch.stack([sin, cos, -(sin * tx + cos * ty)], 1)], 1)  # output -> glyph coords
+    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    alpha = F.grid_sample(digits[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    alpha = alpha.clamp(0, 1)
+    # Foreground colour: random, pushed away from the background's mean luminance.
+    lum_w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    bg_lum = (bg.clamp(0, 1) * lum_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    fg = u(n, 3, 1, 1)
+    fg_lum = (fg * lum_w).sum(1, keepdim=True)
+    shift = torch.where(bg_lum > 0.5, -(fg_lum - (bg_lum - 0.45)).clamp_min(0), ((bg_lum + 0.45) - fg_lum).clamp_min(0))
+    fg = (fg + shift).clamp(0, 1)
+    img = bg * (1 - alpha) + fg * alpha
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def digit_scenes(
+    *, seed: int = 0, size: int = 32, copies: tuple[int, int, int] = (3, 2, 2),
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), clutter: int = 3,
+) -> DatasetSplits:
+    """The embedded default dataset, built from scikit-learn's bundled handwritten digits.
+
+    The 1 797 source glyphs are split train/val/test by source image (stratified, ``fractions``),
+    so no glyph appears in two splits; each glyph is rendered into ``copies[split]`` scenes.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    glyphs = torch.from_numpy(bunch.images / 16.0).float()
+    targets = np.asarray(bunch.target, dtype=np.int64)
+    splits = _split_by_source(targets, fractions, seed)
+    out = []
+    for s, (ids, reps) in enumerate(zip(splits, copies)):
+        src = np.repeat(ids, reps)
+        scenes = render_digit_scenes(glyphs[src], size=size, seed=seed * 1000 + 17 * s + 1, clutter=clutter)
+        out.append(TensorImageDataset(scenes, torch.from_numpy(targets[src])))
+    mean = tuple(float(v) for v in out[0].images.float().div(255).mean((0, 2, 3)))
+    std = tuple(float(v) for v in out[0].images.float().div(255).std((0, 2, 3)))
+    return DatasetSplits("digits", out[0], out[1], out[2], 10, size, mean, std)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- folders, CIFAR, mini-ImageNet
+
+def scan_image_folder(root: str | os.PathLike[str], classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs of an ImageFolder layout ``root/<class>/<image>``, classes sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (expected {root}/<class>/<image files>)")
+    if classes is None:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<images>)")
+    samples = []
+    for label, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / c)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), label))
+    if not samples:
+        raise FileNotFoundError(f"image folder {root} has no images with extensions {IMAGE_EXTENSIONS}")
+    return samples, classes
+
+
+def _holdout(labels: Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, held-out) index split with at least one held-out sample per class."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    lab = labels.numpy()
+    for c in np.unique(lab):
+        ids = np.flatnonzero(lab == c)
+        rng.shuffle(ids)
+        n = max(1, int(round(fraction * len(ids)))) if len(ids) > 1 else 0
+        held.extend(ids[:n])
+        keep.extend(ids[n:])
+    return np.sort(np.asarray(keep, dtype=np.int64)), np.sort(np.asarray(held, dtype=np.int64))
+
+
+def image_folder(root: str, *, image_size: int, val_fraction: float = 0.1, seed: int = 0) -> DatasetSplits:
+    """``root/train/<class>/*`` plus optional ``root/val`` and ``root/test`` in the same layout.
+
+    Without ``root/val``, a stratified ``val_fraction`` of train is held out as val.
+    """
+    base = Path(root)
+    if not (base / "train").is_dir():
+        raise FileNotFoundError(f"image folder dataset {base}: expected {base}/train/<class>/<images> "
+                                f"(and optionally {base}/val, {base}/test)")
+    train_samples, classes = scan_image_folder(base / "train")
+    train = FileImageDataset(train_samples, image_size)
+    if (base / "val").is_dir():
+        val = FileImageDataset(scan_image_folder(base / "val", classes)[0], image_size)
+    else:
+        keep, held = _holdout(train.labels, val_fraction, seed)
+        train, val = train.subset(keep), train.subset(held)
+    test = FileImageDataset(scan_image_folder(base / "test", classes)[0], image_size) if (base / "test").is_dir() else None
+    return DatasetSplits("folder", train, val, test, len(classes), image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def cifar(root: str, *, num_classes: int = 10, download: bool = False, val_size: int = 5000, seed: int = 0) -> DatasetSplits:
+    """CIFAR-10/100 through torchvision; val is a stratified hold-out of the official train set."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+    try:
+        tr = cls(root, train=True, download=download)
+        te = cls(root, train=False, download=download)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"CIFAR-{num_classes} not found under {root!r}; set data.download: true to fetch "
+                                f"it ({e})") from None
+
+    def to_ds(ds: object) -> TensorImageDataset:
+        imgs = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # type: ignore[attr-defined]
+        return TensorImageDataset(imgs, torch.as_tensor(ds.targets, dtype=torch.long))  # type: ignore[attr-defined]
+
+    train_all, test = to_ds(tr), to_ds(te)
+    keep, held = _holdout(train_all.labels, val_size / len(train_all), seed)
+    mean = (0.4914, 0.4822, 0.4465) if num_classes == 10 else (0.5071, 0.4865, 0.4409)
+    std = (0.2470, 0.2435, 0.2616) if num_classes == 10 else (0.2673, 0.2564, 0.2762)
+    return DatasetSplits(f"cifar{num_classes}", train_all.subset(keep), train_all.subset(held), test,
+                         num_classes, 32, mean, std)
+
+
+def mini_imagenet(root: str, *, image_size: int = 84, val_fraction: float = 0.1, seed: int = 0) -> DatasetSplits:
+    """mini-ImageNet from ``root/{train,val,test}/<class>/*`` (64 / 16 / 20 classes, 84 px).
+
+    Pretraining uses the 64 train classes; ``val`` (the kNN / probe objective) is a held-out
+    fraction of their images; the 16 val classes form the ``fewshot`` split for N-way K-shot
+    episodes; the 20 test classes are never used by the search.
+    """
+    base = Path(root)
+    for part in ("train", "val", "test"):
+        if not (base / part).is_dir():
+            raise FileNotFoundError(f"mini-ImageNet root {base}: missing {base}/{part}/<class>/<images> "
+                                    "(expected the 64/16/20 class split as train/val/test folders)")
+    train_samples, classes = scan_image_folder(base / "train")
+    full = FileImageDataset(train_samples, image_size)
+    keep, held = _holdout(full.labels, val_fraction, seed)
+    fewshot = FileImageDataset(scan_image_folder(base / "val")[0], image_size)
+    test = FileImageDataset(scan_image_folder(base / "test")[0], image_size)
+    if len(classes) != 64:
+        log.warning("mini-ImageNet at %s has %d train classes (the standard split has 64)", base, len(classes))
+    return DatasetSplits("miniimagenet", full.subset(keep), full.subset(held), test, len(classes), image_size,
+                         IMAGENET_MEAN, IMAGENET_STD, fewshot=fewshot)
