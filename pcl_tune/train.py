@@ -51,6 +51,21 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
+EPOCH_METRICS: tuple[str, ...] = (
+    "epoch", "loss", "loss_inst", "acc_inst", "loss_proto", "acc_proto", "knn_top1", "nmi", "ami", "lr",
+    "images_per_s", "time_features", "time_clustering", "time_train", "time_eval", "time_epoch",
+)
+LEVEL_METRICS: tuple[str, ...] = ("loss_proto", "acc_proto", "nmi", "ami", "num_clusters")
+
+
+def reported_metrics(num_levels: int) -> set[str]:
+    """Numeric metric names the loop reports every epoch for a schedule with ``num_levels`` levels.
+
+    Accuracies (acc_*, knn_top1) are in percent; proto metrics and NMI/AMI are NaN during warm-up.
+    """
+    return set(EPOCH_METRICS) | {f"{m}_{i}" for m in LEVEL_METRICS for i in range(num_levels)}
+
+
 class TrainingDiverged(RuntimeError):
     """Raised when the loss becomes NaN or infinite; the message names the epoch and batch."""
 

@@ -1,0 +1,492 @@
+"""``python -m pcl_tune.search --space FILE``: Ray Tune + OptunaSearch (TPE) + ASHA over PCL trials.
+
+This is the only module that builds Tuners. Two trial executors share one training loop
+(:func:`pcl_tune.train.train_loop`):
+
+* ``direct``: the loop runs inside the Tune trial (CPU, one GPU or a fraction of one). Right for
+  small trials: a Ray Train start-up costs ~25 s on a 2-core machine.
+* ``train``: the trial builds and fits a ``TorchTrainer`` with N DDP workers (gloo on CPU, NCCL on
+  GPU); metrics reach Tune per epoch through ``TuneReportCallback`` (Ray Train V2).
+
+The experiment folder ``<storage-path>/<name>/`` holds Tune's trial folders (``params.json``,
+``result.json``, ``progress.csv``, the latest checkpoint), the Optuna study (``optuna.db``,
+open it with ``optuna-dashboard sqlite:///.../optuna.db``), a copy of the space file, and at the
+end ``trials.csv`` and ``best.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .space import SearchSpace, SpaceError, load_space
+
+log = logging.getLogger("pcl_tune.search")
+
+SPACE_COPY = "search_space.yaml"
+SPACE_JSON = "space.json"
+OPTUNA_DB = "optuna.db"
+TRAIN_RUNS = "train_runs"
+
+
+# --------------------------------------------------------------------------- trial executors
+
+def _stage_checkpoint(checkpoint: Any, staging: Path) -> Path | None:
+    """Copy a Ray checkpoint's ``checkpoint.pt`` into a local staging folder; return its path."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        src = Path(d) / "checkpoint.pt"
+        if not src.is_file():
+            return None
+        staging.mkdir(parents=True, exist_ok=True)
+        dst = staging / "resume.pt"
+        shutil.copyfile(src, dst)
+        return dst
+
+
+def _threads(cpus: float) -> int:
+    return max(1, int(cpus))
+
+
+def direct_trial(params: dict[str, Any], *, fixed: dict[str, Any], threads: int) -> None:
+    """Tune function trainable: one PCL run inside the trial process, reporting every epoch."""
+    import torch
+    from ray import tune
+
+    from .config import merge
+    from .train import train_loop
+
+    torch.set_num_threads(threads)
+    cfg = merge(fixed, params)
+    cfg = merge(cfg, {"threads": threads, "progress": False})
+    with tempfile.TemporaryDirectory(prefix="pcl_tune_trial_") as tmp:
+        work = Path(tmp)
+        resume = _stage_checkpoint(tune.get_checkpoint(), work / "restore")
+
+        def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+            checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+            tune.report(_clean(metrics), checkpoint=checkpoint)
+
+        train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function: the same loop under DDP; rank 0 writes the checkpoint."""
+    import ray.train
+    import torch
+
+    from .train import train_loop
+
+    torch.set_num_threads(int(loop_config["threads"]))
+    with tempfile.TemporaryDirectory(prefix="pcl_tune_worker_") as tmp:
+        work = Path(tmp)
+        resume = _stage_checkpoint(ray.train.get_checkpoint(), work / "restore")
+
+        def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+            ray.train.report(_clean(metrics), checkpoint=checkpoint)
+
+        train_loop(loop_config["config"], out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
+
+
+def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, cpus_per_worker: float,
+                gpus_per_worker: float, train_storage: str, max_failures: int) -> None:
+    """Tune function trainable that fits a ``TorchTrainer`` with ``workers`` DDP workers.
+
+    The Train run is named after the Tune trial, so a restored trial's Train run resumes from
+    its own latest checkpoint (Ray Train V2 reloads it from storage).
+    """
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .config import merge
+
+    use_gpu = gpus_per_worker > 0
+    threads = _threads(cpus_per_worker)
+    cfg = merge(merge(fixed, params), {"threads": threads, "progress": False})
+    trial_id = tune.get_context().get_trial_id()
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg, "threads": threads},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"trial_{trial_id}", storage_path=train_storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Plain Python scalars only (Tune's JSON logger and Optuna want floats, not tensors)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        else:
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError):
+                out[k] = str(v)
+    return out
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass
+class Plan:
+    """Resources and concurrency of a search, derived from the space and the cluster."""
+
+    executor: str
+    workers_per_trial: int
+    trial_resources: dict[str, float]
+    worker_resources: dict[str, float]
+    cluster_cpus: float
+    cluster_gpus: float
+    max_concurrent: int
+    threads: int
+
+    def describe(self) -> str:
+        if self.executor == "direct":
+            what = f"direct: each trial runs in its Tune trial with {self.trial_resources}"
+        else:
+            what = (f"train: each trial fits a TorchTrainer with {self.workers_per_trial} DDP worker(s), "
+                    f"each {self.worker_resources}")
+        return (f"{what}; cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU -> at most "
+                f"{self.max_concurrent} concurrent trial(s); torch threads per process {self.threads}")
+
+
+def make_plan(space: SearchSpace, cluster_cpus: float, cluster_gpus: float) -> Plan:
+    """Concurrency such that trials never starve each other's worker groups."""
+    r = space.resources
+    if r.executor == "direct":
+        trial = {"CPU": float(r.cpus_per_trial)}
+        if r.gpus_per_trial:
+            trial["GPU"] = float(r.gpus_per_trial)
+        per_cpu, per_gpu = r.cpus_per_trial, r.gpus_per_trial
+        worker: dict[str, float] = {}
+        threads = _threads(r.cpus_per_trial)
+    else:
+        # The trial driver only waits on its TorchTrainer: it holds no CPU (Ray rejects cpu=0
+        # alone, so it asks for a little memory); the workers hold the real resources.
+        trial = {"CPU": 0.0, "memory": 64 * 1024 * 1024}
+        worker = {"CPU": float(r.cpus_per_worker)}
+        if r.gpus_per_worker:
+            worker["GPU"] = float(r.gpus_per_worker)
+        per_cpu = r.workers_per_trial * r.cpus_per_worker
+        per_gpu = r.workers_per_trial * r.gpus_per_worker
+        threads = _threads(r.cpus_per_worker)
+    limits = []
+    if per_cpu > 0:
+        limits.append(math.floor(cluster_cpus / per_cpu + 1e-9))
+    if per_gpu > 0:
+        limits.append(math.floor(cluster_gpus / per_gpu + 1e-9))
+    fit = min(limits) if limits else space.num_samples
+    if fit < 1:
+        need = f"{per_cpu:g} CPU" + (f" and {per_gpu:g} GPU" if per_gpu else "")
+        raise SpaceError(f"{space.path}: key 'resources': one trial needs {need} but the Ray cluster has "
+                         f"{cluster_cpus:g} CPU / {cluster_gpus:g} GPU")
+    conc = min(fit, space.num_samples)
+    if r.max_concurrent is not None:
+        conc = min(conc, r.max_concurrent)
+    return Plan(r.executor, r.workers_per_trial, trial, worker, cluster_cpus, cluster_gpus, max(1, conc), threads)
+
+
+def apply_cli(space: SearchSpace, args: argparse.Namespace) -> SearchSpace:
+    """Command-line overrides of the space file."""
+    if args.smoke:
+        space = space.smoke()
+    if args.num_samples is not None:
+        space.num_samples = args.num_samples
+        space.startup_trials = min(space.startup_trials, args.num_samples)
+    r = space.resources
+    if args.workers_per_trial is not None:
+        r.executor = "train" if args.workers_per_trial > 0 else "direct"
+        r.workers_per_trial = max(1, args.workers_per_trial)
+    if args.executor is not None:
+        r.executor = args.executor
+    if args.gpus_per_trial is not None:
+        r.gpus_per_trial = args.gpus_per_trial
+    if args.gpus_per_worker is not None:
+        r.gpus_per_worker = args.gpus_per_worker
+    if args.cpus_per_worker is not None:
+        r.cpus_per_worker = args.cpus_per_worker
+    if args.cpus_per_trial is not None:
+        r.cpus_per_trial = args.cpus_per_trial
+    if args.max_concurrent is not None:
+        r.max_concurrent = args.max_concurrent
+    return space
+
+
+def describe_space(space: SearchSpace) -> str:
+    lines = [f"search space {space.path} ({space.name})"]
+    if space.description:
+        lines.append(f"  {space.description.strip()}")
+    lines.append("  searched:")
+    for p in space.params:
+        lines.append(f"    {p.name:28s} {p.describe()}")
+    lines.append("  fixed (differences from the defaults):")
+    from .config import TrainConfig
+
+    defaults = TrainConfig().flat()
+    for k, v in space.base_config().flat().items():
+        if defaults.get(k) != v:
+            lines.append(f"    {k:28s} {v!r}")
+    lines.append(f"  objective: {space.mode} {space.metric} (val split)")
+    lines.append(f"  searcher: Optuna TPE seed {space.seed}, {space.startup_trials} random start-up trials, "
+                 f"{space.num_samples} trials")
+    max_t = space.max_t or space.base_config().epochs
+    lines.append(f"  ASHA on the epoch: grace {space.grace_period}, reduction factor {space.reduction_factor}, "
+                 f"max_t {max_t}, brackets {space.brackets}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- running
+
+def _init_ray(args: argparse.Namespace, want_dashboard: bool) -> None:
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": want_dashboard, "log_to_driver": True}
+    if want_dashboard:
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port)
+    if args.num_cpus is not None:
+        kwargs["num_cpus"] = args.num_cpus
+    if args.num_gpus is not None:
+        kwargs["num_gpus"] = args.num_gpus
+    ctx = ray.init(**kwargs)
+    if want_dashboard:
+        url = getattr(ctx, "dashboard_url", None) or f"127.0.0.1:{args.dashboard_port}"
+        token_note = ("the dashboard asks for Ray's auth token: print it with `ray get-auth-token` "
+                      "(stored in ~/.ray/auth_token)") if os.environ.get("RAY_AUTH_MODE", "token") != "disabled" \
+            else "token auth disabled (RAY_AUTH_MODE=disabled)"
+        print(f"[pcl_tune] Ray dashboard: http://{url}  ({token_note})", flush=True)
+
+
+def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: int, restore: bool) -> Any:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    fixed = dict(space.fixed)
+    if plan.executor == "direct":
+        fn = tune.with_parameters(direct_trial, fixed=fixed, threads=plan.threads)
+    else:
+        fn = tune.with_parameters(train_trial, fixed=fixed, workers=plan.workers_per_trial,
+                                  cpus_per_worker=plan.worker_resources.get("CPU", 1.0),
+                                  gpus_per_worker=plan.worker_resources.get("GPU", 0.0),
+                                  train_storage=str(exp_dir / TRAIN_RUNS), max_failures=max_failures)
+    resources = {k.lower() if k in ("CPU", "GPU") else k: v for k, v in plan.trial_resources.items()}
+    trainable = tune.with_resources(fn, resources)
+    if restore:
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_DB}")
+    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
+    searcher = OptunaSearch(space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
+                            storage=storage, study_name=space.name,
+                            points_to_evaluate=space.points_to_evaluate or None)
+    max_t = space.max_t or space.base_config().epochs
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
+                              reduction_factor=space.reduction_factor, brackets=space.brackets)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
+            num_samples=space.num_samples, max_concurrent_trials=plan.max_concurrent,
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+            trial_name_creator=lambda t: f"trial_{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=exp_dir.name, storage_path=str(exp_dir.parent),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=max_failures if plan.executor == "direct" else 0),
+            verbose=1,
+        ),
+    )
+
+
+def summarize(results: Any, space: SearchSpace, exp_dir: Path) -> dict[str, Any] | None:
+    """Write trials.csv and best.yaml; print the best trial."""
+    from .config import merge
+
+    df = results.get_dataframe()
+    df.to_csv(exp_dir / "trials.csv", index=False)
+    errors = [r for r in results if r.error is not None]
+    try:
+        best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
+    except RuntimeError:
+        best = None
+    if best is None or best.metrics is None or space.metric not in best.metrics:
+        print(f"[pcl_tune] no trial reported {space.metric}; see {exp_dir}", flush=True)
+        return None
+    scores = [m for r in results if r.metrics_dataframe is not None and space.metric in r.metrics_dataframe
+              for m in r.metrics_dataframe[space.metric].dropna()]
+    best_value = max(scores) if space.mode == "max" else min(scores)
+    full = merge(space.fixed, best.config)
+    (exp_dir / "best.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    ckpt = best.checkpoint.path if best.checkpoint is not None else best.metrics.get("checkpoint_path")
+    print(f"\n[pcl_tune] {len(results)} trials, {len(errors)} errored. Best {space.metric} = {best_value:.4g} "
+          f"({space.mode}) in {Path(best.path).name}", flush=True)
+    for k, v in sorted(best.config.items()):
+        print(f"    {k:28s} {v!r}")
+    print(f"  checkpoint: {ckpt}\n  full config: {exp_dir / 'best.yaml'} "
+          f"(re-run: python -m pcl_tune.train --config {exp_dir / 'best.yaml'} --out {exp_dir / 'best_rerun'})\n"
+          f"  trial table: {exp_dir / 'trials.csv'}; per-epoch results: {exp_dir}/trial_*/progress.csv", flush=True)
+    for r in errors:
+        print(f"  errored: {Path(r.path).name}: {str(r.error).strip().splitlines()[-1][:300]}")
+    return {"metric": best_value, "config": best.config, "checkpoint": ckpt}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pcl_tune.search",
+                                description="Search PCL hyperparameters with Ray Tune, Optuna (TPE) and ASHA.")
+    p.add_argument("--space", help="search-space YAML (see search_spaces/); with --resume defaults to the copy "
+                                   "in the experiment folder")
+    p.add_argument("--name", help="experiment name (default: the space's name)")
+    p.add_argument("--storage-path", default="./runs", help="parent folder of experiments (default ./runs)")
+    p.add_argument("--num-samples", type=int, help="number of trials")
+    p.add_argument("--max-concurrent", type=int, help="cap on concurrent trials")
+    p.add_argument("--executor", choices=["direct", "train"], help="run trials directly or through Ray Train")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train DDP workers per trial (0 = direct executor)")
+    p.add_argument("--gpus-per-trial", type=float, help="direct executor: GPUs per trial (fractions allowed)")
+    p.add_argument("--gpus-per-worker", type=float, help="train executor: GPUs per worker")
+    p.add_argument("--cpus-per-worker", type=float, help="train executor: CPUs per worker")
+    p.add_argument("--cpus-per-trial", type=float, help="direct executor: CPUs per trial")
+    p.add_argument("--num-cpus", type=int, help="local Ray: logical CPUs to declare")
+    p.add_argument("--num-gpus", type=int, help="local Ray: GPUs to declare")
+    p.add_argument("--address", help="join an existing Ray cluster (RAY_ADDRESS is honoured)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (Tuner.restore)")
+    p.add_argument("--dashboard", dest="dashboard", action="store_true", default=True,
+                   help="start Ray's dashboard on 127.0.0.1 (default)")
+    p.add_argument("--no-dashboard", dest="dashboard", action="store_false")
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--max-failures", type=int, default=1, help="restarts of a failed trial / worker group")
+    p.add_argument("--smoke", action="store_true", help="shrink everything (CI, quick checks)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved space and resource plan, then exit")
+    p.add_argument("--no-report", action="store_true", help="do not write the analysis report at the end")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    storage_root = Path(args.storage_path).expanduser().resolve()
+    try:
+        if args.resume and not args.space and not args.name:
+            raise SpaceError("--resume needs --name (or --space) to find the experiment folder")
+        if args.resume and not args.space:
+            space_file = storage_root / args.name / SPACE_COPY
+            if not space_file.is_file():
+                raise SpaceError(f"{storage_root / args.name}: not a pcl_tune experiment (no {SPACE_COPY})")
+        else:
+            if not args.space:
+                raise SpaceError("--space FILE is required (see search_spaces/)")
+            space_file = Path(args.space)
+        space = apply_cli(load_space(space_file), args)
+        name = args.name or space.name
+        exp_dir = storage_root / name
+        if args.dry_run:
+            import multiprocessing
+
+            cpus = float(args.num_cpus or multiprocessing.cpu_count())
+            gpus = float(args.num_gpus or 0)
+            print(describe_space(space))
+            where = f"cluster at {args.address or os.environ.get('RAY_ADDRESS')}" if (
+                args.address or os.environ.get("RAY_ADDRESS")) else "this machine"
+            print(f"  resources ({where}; assumed {cpus:g} CPU / {gpus:g} GPU): {make_plan(space, cpus, gpus).describe()}")
+            print(f"  experiment folder: {exp_dir}")
+            return 0
+        if args.resume and not exp_dir.is_dir():
+            raise SpaceError(f"{exp_dir}: no experiment to resume")
+        if not args.resume and exp_dir.exists() and any(exp_dir.iterdir()):
+            raise SpaceError(f"{exp_dir} already exists; pass --resume to continue it or choose another --name")
+    except SpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    want_dashboard = args.dashboard
+    if space.resources.executor == "train" and not want_dashboard:
+        print("[pcl_tune] note: keeping Ray's dashboard process on: without it a Ray Train trial stopped by ASHA "
+              "leaks its placement group and later trials wait forever (Ray 2.60)", file=sys.stderr)
+        want_dashboard = True
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    _init_ray(args, want_dashboard)
+    res = ray.cluster_resources()
+    try:
+        plan = make_plan(space, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
+    except SpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe_space(space), flush=True)
+    print(f"  resources: {plan.describe()}\n  experiment folder: {exp_dir}", flush=True)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        shutil.copyfile(space_file, exp_dir / SPACE_COPY)
+        (exp_dir / SPACE_JSON).write_text(json.dumps({
+            "name": space.name, "metric": space.metric, "mode": space.mode, "fixed": space.fixed,
+            "params": [asdict(p) for p in space.params], "num_samples": space.num_samples,
+            "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
+            "max_t": space.max_t or space.base_config().epochs, "executor": plan.executor,
+            "workers_per_trial": plan.workers_per_trial, "smoke": bool(args.smoke),
+            "command": " ".join([sys.executable, "-m", "pcl_tune.search"] + (argv if argv is not None else sys.argv[1:])),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }, indent=2, default=str))
+    tuner = build_tuner(space, plan, exp_dir, max_failures=args.max_failures, restore=args.resume)
+    t0 = time.time()
+    results = tuner.fit()
+    unfinished = [r for r in results if r.metrics is None or not r.metrics.get("done", True)]
+    best = summarize(results, space, exp_dir)
+    print(f"[pcl_tune] wall time {time.time() - t0:.0f}s", flush=True)
+    if not args.no_report:
+        _write_report(exp_dir)
+    if unfinished and len(results) < space.num_samples:
+        print(f"[pcl_tune] the search stopped early; continue it with: python -m pcl_tune.search --name {name} "
+              f"--storage-path {storage_root} --resume", flush=True)
+    return 0 if best is not None else 1
+
+
+def _write_report(exp_dir: Path) -> None:
+    """The analysis report, when the analysis package provides one."""
+    try:
+        from analysis import report as report_mod  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    try:
+        path = report_mod.write_report(exp_dir)
+        print(f"[pcl_tune] report: {path}", flush=True)
+    except Exception as e:  # the search result stands even if the report fails
+        print(f"[pcl_tune] report failed: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

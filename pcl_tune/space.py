@@ -1,0 +1,419 @@
+"""Search-space files: YAML -> validated fixed config, searched parameters, objective, searcher,
+ASHA and resources.
+
+A file has these top-level keys (only ``search`` is required)::
+
+    name: demo                        # experiment name (default: the file's stem)
+    description: ...                  # free text, shown in the report
+    fixed:                            # settings of pcl_tune.config.TrainConfig (nested or dotted)
+      epochs: 10
+      data: {dataset: digits}
+    search:                           # dotted config key -> distribution
+      optim.lr: {loguniform: [0.01, 0.3]}
+      pcl.cluster_schedule: {choice: ["5,10", "linear:5,10->20,40"]}
+      pcl.proto_loss: {choice: [proto_nce, topk]}
+      pcl.k: {int: [1, 4], when: {pcl.proto_loss: topk}}     # conditional parameter
+    objective: {metric: knn_top1, mode: max}
+    searcher: {seed: 0, startup_trials: 4, num_samples: 8, points_to_evaluate: [{...}]}
+    asha: {grace_period: 3, reduction_factor: 2, max_t: 10}  # on the epoch; max_t defaults to epochs
+    resources: {executor: direct, cpus_per_trial: 1, gpus_per_trial: 0,
+                workers_per_trial: 2, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent: null}
+
+Distributions: ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``, ``int: [lo, hi]`` (optional
+``step``, ``log``), ``choice: [a, b, ...]`` (scalars; encode lists as strings, e.g. cluster
+schedules). ``when: {key: value-or-list}`` samples a parameter only when an earlier searched
+parameter (or a fixed setting) has one of those values.
+
+Every problem is reported as one :class:`SpaceError` line naming the file, the key, the value
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .clustering import ClusterSchedule
+from .config import ConfigError, TrainConfig, config_from_dict, flatten, merge, unflatten
+
+TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "asha", "resources")
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+SEARCHER_KEYS = ("seed", "startup_trials", "num_samples", "points_to_evaluate")
+ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "brackets")
+RESOURCE_KEYS = ("executor", "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "cpus_per_worker",
+                 "gpus_per_worker", "max_concurrent")
+EXECUTORS = ("direct", "train")
+
+
+class SpaceError(ValueError):
+    """One line: ``FILE: key 'K': got V, expected E``."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter."""
+
+    name: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    choices: tuple[Any, ...] = ()
+    log: bool = False
+    step: int | None = None
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def values_for_check(self) -> list[Any]:
+        """Values this parameter can take, for validation (the bounds for ranges)."""
+        if self.kind == "choice":
+            return list(self.choices)
+        return [self.low, self.high]
+
+    def describe(self) -> str:
+        cond = ""
+        if self.when:
+            cond = "  when " + ", ".join(f"{k} in {list(v)}" for k, v in self.when)
+        if self.kind == "choice":
+            return f"choice {list(self.choices)}{cond}"
+        return f"{self.kind} [{self.low}, {self.high}]{' log' if self.log else ''}{cond}"
+
+
+@dataclass
+class Resources:
+    executor: str = "direct"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent: int | None = None
+
+
+@dataclass
+class SearchSpace:
+    """A validated search-space file."""
+
+    path: Path
+    name: str
+    description: str
+    fixed: dict[str, Any]
+    params: list[Param]
+    metric: str = "knn_top1"
+    mode: str = "max"
+    seed: int = 0
+    startup_trials: int = 10
+    num_samples: int = 20
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
+    grace_period: int = 1
+    reduction_factor: int = 3
+    max_t: int | None = None
+    brackets: int = 1
+    resources: Resources = field(default_factory=Resources)
+
+    def base_config(self) -> TrainConfig:
+        return config_from_dict(self.fixed)
+
+    def trial_config(self, params: dict[str, Any]) -> TrainConfig:
+        """The full config of one trial: defaults < fixed < sampled parameters."""
+        return config_from_dict(merge(self.fixed, params))
+
+    def define_by_run(self) -> DefineByRun:
+        return DefineByRun(self.params, flatten(unflatten(self.fixed)))
+
+    def smoke(self) -> SearchSpace:
+        """A shrunken copy for CI and quick checks (2 epochs... of tiny data)."""
+        import copy
+
+        s = copy.deepcopy(self)
+        s.fixed = merge(s.fixed, {"epochs": min(3, self.base_config().epochs), "data.subset": 256,
+                                  "data.digits_copies": [1, 1, 1], "model.width": 8, "model.queue_size": 256,
+                                  "optim.batch_size": 32, "pcl.warmup_epochs": 1, "clustering.nredo": 1,
+                                  "progress": False})
+        s.num_samples = min(self.num_samples, 4)
+        s.startup_trials = min(self.startup_trials, 2)
+        s.grace_period = 2
+        s.max_t = 3
+        return s
+
+
+class DefineByRun:
+    """Optuna define-by-run space (picklable, so Tune can checkpoint the searcher).
+
+    Conditional parameters are suggested only when their condition holds, so TPE never sees a
+    value that the trial would ignore.
+    """
+
+    def __init__(self, params: list[Param], fixed_flat: dict[str, Any]) -> None:
+        self.params = params
+        self.fixed_flat = fixed_flat
+
+    def __call__(self, trial: Any) -> None:
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if not _condition_holds(p, chosen, self.fixed_flat):
+                continue
+            if p.kind == "choice":
+                chosen[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            elif p.kind == "int":
+                chosen[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=p.step or 1, log=p.log)
+            else:
+                chosen[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), log=p.log)
+        return None
+
+
+def _condition_holds(p: Param, chosen: dict[str, Any], fixed_flat: dict[str, Any]) -> bool:
+    for key, allowed in p.when:
+        value = chosen.get(key, fixed_flat.get(key, _default_of(key)))
+        if value not in allowed:
+            return False
+    return True
+
+
+def _default_of(key: str) -> Any:
+    return TrainConfig().flat().get(key)
+
+
+# --------------------------------------------------------------------------- loading
+
+class _Loader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, value: Any, expected: str) -> SpaceError:
+        return SpaceError(f"{self.path}: key {key!r}: got {value!r}, expected {expected}")
+
+    def section(self, data: dict[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        sec = data.get(key) or {}
+        if not isinstance(sec, dict):
+            raise self.fail(key, sec, "a mapping")
+        for k in sec:
+            if k not in allowed:
+                raise self.fail(f"{key}.{k}", sec[k], f"one of the keys {', '.join(allowed)}")
+        return sec
+
+    def number(self, key: str, value: Any, *, integer: bool = False, positive: bool = True,
+               minimum: float | None = None) -> Any:
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            raise self.fail(key, value, "an integer" if integer else "a number")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, value, f"a number >= {minimum}")
+        if positive and minimum is None and value <= 0:
+            raise self.fail(key, value, "a number > 0")
+        return value
+
+
+def _parse_param(ld: _Loader, name: str, spec: Any) -> Param:
+    key = f"search.{name}"
+    if not isinstance(spec, dict):
+        raise ld.fail(key, spec, "a mapping like {uniform: [lo, hi]} or {choice: [a, b]}")
+    kinds = [k for k in spec if k in DISTRIBUTIONS]
+    extra = [k for k in spec if k not in DISTRIBUTIONS + ("when", "step", "log")]
+    if extra:
+        raise ld.fail(f"{key}.{extra[0]}", spec[extra[0]], f"one of {', '.join(DISTRIBUTIONS + ('when', 'step', 'log'))}")
+    if len(kinds) != 1:
+        raise ld.fail(key, spec, f"exactly one distribution among {', '.join(DISTRIBUTIONS)}")
+    kind = kinds[0]
+    body = spec[kind]
+    when_spec = spec.get("when") or {}
+    if not isinstance(when_spec, dict):
+        raise ld.fail(f"{key}.when", when_spec, "a mapping {other_key: value or [values]}")
+    when = tuple((str(k), tuple(v) if isinstance(v, list) else (v,)) for k, v in when_spec.items())
+    if kind == "choice":
+        if not isinstance(body, list) or not body:
+            raise ld.fail(f"{key}.choice", body, "a non-empty list of values")
+        for v in body:
+            if isinstance(v, (list, dict)):
+                raise ld.fail(f"{key}.choice", v, "scalar values (write cluster schedules as strings, e.g. '5,10')")
+        if len(set(map(repr, body))) != len(body):
+            raise ld.fail(f"{key}.choice", body, "distinct values")
+        return Param(name, "choice", choices=tuple(body), when=when)
+    if not isinstance(body, list) or len(body) != 2:
+        raise ld.fail(f"{key}.{kind}", body, "[low, high]")
+    lo, hi = body
+    integer = kind == "int"
+    ld.number(f"{key}.{kind}", lo, integer=integer, positive=False)
+    ld.number(f"{key}.{kind}", hi, integer=integer, positive=False)
+    if not lo < hi:
+        raise ld.fail(f"{key}.{kind}", body, "low < high (the range is empty)")
+    log = bool(spec.get("log", kind == "loguniform"))
+    if log and lo <= 0:
+        raise ld.fail(f"{key}.{kind}", body, "low > 0 for a log-scale range")
+    step = spec.get("step")
+    if step is not None:
+        ld.number(f"{key}.step", step, integer=True)
+    return Param(name, kind, low=lo, high=hi, log=log, step=step, when=when)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space file; raises :class:`SpaceError` (one line)."""
+    p = Path(path)
+    ld = _Loader(p)
+    if not p.is_file():
+        raise SpaceError(f"{p}: search-space file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SpaceError(f"{p}: expected a mapping with keys {', '.join(TOP_KEYS)}")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise ld.fail(k, "...", f"one of the top-level keys {', '.join(TOP_KEYS)}")
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise ld.fail("fixed", fixed, "a mapping of settings")
+    try:
+        base = config_from_dict(fixed)
+    except ConfigError as e:
+        raise SpaceError(f"{p}: fixed: {e}") from None
+    search = data.get("search")
+    if not isinstance(search, dict) or not search:
+        raise ld.fail("search", search, "a non-empty mapping of dotted config keys to distributions")
+    known = base.flat()
+    params = []
+    for name, spec in search.items():
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(str(name), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ld.fail(f"search.{name}", spec, f"a config key{hint}; run `python -m pcl_tune.train --help-config`")
+        params.append(_parse_param(ld, name, spec))
+    names = [q.name for q in params]
+    for i, q in enumerate(params):
+        for cond_key, _ in q.when:
+            if cond_key in names and names.index(cond_key) >= i:
+                raise ld.fail(f"search.{q.name}.when", cond_key, "a parameter listed earlier in `search`")
+            if cond_key not in names and cond_key not in known:
+                raise ld.fail(f"search.{q.name}.when", cond_key, "a config key")
+
+    obj = ld.section(data, "objective", ("metric", "mode"))
+    metric = obj.get("metric", "knn_top1")
+    mode = obj.get("mode", "max")
+    if mode not in ("min", "max"):
+        raise ld.fail("objective.mode", mode, "min or max")
+    srch = ld.section(data, "searcher", SEARCHER_KEYS)
+    asha = ld.section(data, "asha", ASHA_KEYS)
+    res = ld.section(data, "resources", RESOURCE_KEYS)
+    space = SearchSpace(
+        path=p, name=str(data.get("name") or p.stem), description=str(data.get("description") or ""),
+        fixed=fixed, params=params, metric=metric, mode=mode,
+        seed=ld.number("searcher.seed", srch.get("seed", 0), integer=True, minimum=0),
+        startup_trials=ld.number("searcher.startup_trials", srch.get("startup_trials", 10), integer=True, minimum=0),
+        num_samples=ld.number("searcher.num_samples", srch.get("num_samples", 20), integer=True),
+        points_to_evaluate=list(srch.get("points_to_evaluate") or []),
+        grace_period=ld.number("asha.grace_period", asha.get("grace_period", 1), integer=True),
+        reduction_factor=ld.number("asha.reduction_factor", asha.get("reduction_factor", 3), integer=True, minimum=2),
+        max_t=asha.get("max_t"),
+        brackets=ld.number("asha.brackets", asha.get("brackets", 1), integer=True),
+        resources=_parse_resources(ld, res),
+    )
+    validate_space(space)
+    return space
+
+
+def _parse_resources(ld: _Loader, res: dict[str, Any]) -> Resources:
+    r = Resources()
+    if "executor" in res:
+        if res["executor"] not in EXECUTORS:
+            raise ld.fail("resources.executor", res["executor"], f"one of {', '.join(EXECUTORS)}")
+        r.executor = res["executor"]
+    for k in ("cpus_per_trial", "cpus_per_worker"):
+        if k in res:
+            setattr(r, k, ld.number(f"resources.{k}", res[k], positive=False, minimum=0))
+    for k in ("gpus_per_trial", "gpus_per_worker"):
+        if k in res:
+            setattr(r, k, ld.number(f"resources.{k}", res[k], positive=False, minimum=0))
+    if "workers_per_trial" in res:
+        r.workers_per_trial = ld.number("resources.workers_per_trial", res["workers_per_trial"], integer=True)
+    if res.get("max_concurrent") is not None:
+        r.max_concurrent = ld.number("resources.max_concurrent", res["max_concurrent"], integer=True)
+    return r
+
+
+def _train_size(cfg: TrainConfig) -> int | None:
+    """Number of training images without rendering or decoding them (None if unknown here)."""
+    d = cfg.data
+    n: int | None = None
+    if d.dataset == "digits":
+        import numpy as np
+        from sklearn.datasets import load_digits
+
+        from .data import _split_by_source
+
+        targets = np.asarray(load_digits().target)
+        n = len(_split_by_source(targets, (0.6, 0.2, 0.2), cfg.seed)[0]) * d.digits_copies[0]
+    elif d.dataset in ("cifar10", "cifar100"):
+        n = 45000
+    if n is not None and d.subset is not None:
+        n = min(n, d.subset)
+    return n
+
+
+def all_values(space: SearchSpace, key: str) -> list[Any]:
+    """Every value ``key`` can take in a trial (the fixed value, or the searched values/bounds)."""
+    for p in space.params:
+        if p.name == key:
+            return p.values_for_check()
+    return [space.base_config().flat()[key]]
+
+
+def validate_space(space: SearchSpace) -> None:
+    """Cross-field checks before anything starts; raises :class:`SpaceError`."""
+    from .train import reported_metrics
+
+    p = space.path
+    base = space.base_config()
+    ld = _Loader(p)
+    # Every searched value must be acceptable to the config on its own.
+    for q in space.params:
+        for v in q.values_for_check():
+            try:
+                config_from_dict(merge(space.fixed, {q.name: v}))
+            except ConfigError as e:
+                raise SpaceError(f"{p}: search.{q.name}: value {v!r} is invalid: {e}") from None
+    schedules = [ClusterSchedule.parse(s) for s in all_values(space, "pcl.cluster_schedule")]
+    smallest = min(s.extremes()[0] for s in schedules)
+    largest = max(s.extremes()[1] for s in schedules)
+    loss_kinds = set(all_values(space, "pcl.proto_loss"))
+    ks = [int(v) for v in all_values(space, "pcl.k")]
+    if loss_kinds & {"topk", "topk_below"} and max(ks) > smallest:
+        key = "search.pcl.k" if any(q.name == "pcl.k" for q in space.params) else "fixed.pcl.k"
+        raise ld.fail(key, max(ks), f"K <= the smallest cluster count any schedule uses ({smallest})")
+    n_train = _train_size(base)
+    if n_train is not None and largest > n_train:
+        key = "search.pcl.cluster_schedule" if any(q.name == "pcl.cluster_schedule" for q in space.params) \
+            else "fixed.pcl.cluster_schedule"
+        raise ld.fail(key, largest, f"cluster counts <= the {n_train} training images of {base.data.dataset}")
+    epochs = [int(v) for v in all_values(space, "epochs")]
+    max_t = space.max_t if space.max_t is not None else max(epochs)
+    ld.number("asha.max_t", max_t, integer=True)
+    if space.max_t is not None and space.max_t > max(epochs):
+        raise ld.fail("asha.max_t", space.max_t, f"<= epochs ({max(epochs)})")
+    warmups = [int(v) for v in all_values(space, "pcl.warmup_epochs")]
+    if space.grace_period <= max(warmups) and space.grace_period < max_t:
+        raise ld.fail("asha.grace_period", space.grace_period,
+                      f"> the warm-up ({max(warmups)} epochs): pruning before prototypes exist judges nothing")
+    if space.grace_period > max_t:
+        raise ld.fail("asha.grace_period", space.grace_period, f"<= asha.max_t ({max_t})")
+    levels = {s.num_levels for s in schedules}
+    known = reported_metrics(max(levels))
+    if space.metric not in known:
+        raise ld.fail("objective.metric", space.metric, f"a metric the loop reports: {', '.join(sorted(known))}")
+    r = space.resources
+    if r.executor == "train" and r.workers_per_trial < 1:
+        raise ld.fail("resources.workers_per_trial", r.workers_per_trial, ">= 1 for the train executor")
+    if space.startup_trials > space.num_samples:
+        space.startup_trials = space.num_samples
+    for i, point in enumerate(space.points_to_evaluate):
+        if not isinstance(point, dict):
+            raise ld.fail(f"searcher.points_to_evaluate[{i}]", point, "a mapping of searched keys to values")
+        for k in point:
+            if k not in {q.name for q in space.params}:
+                raise ld.fail(f"searcher.points_to_evaluate[{i}].{k}", point[k], "a searched parameter")
+    if not math.isfinite(float(space.num_samples)):
+        raise ld.fail("searcher.num_samples", space.num_samples, "a finite integer")
