@@ -202,12 +202,12 @@ def make_plan(space: SearchSpace, cluster_cpus: float, cluster_gpus: float) -> P
         limits.append(math.floor(cluster_cpus / per_cpu + 1e-9))
     if per_gpu > 0:
         limits.append(math.floor(cluster_gpus / per_gpu + 1e-9))
-    fit = min(limits) if limits else space.num_samples
+    fit = min(limits) if limits else space.total_trials()
     if fit < 1:
         need = f"{per_cpu:g} CPU" + (f" and {per_gpu:g} GPU" if per_gpu else "")
         raise SpaceError(f"{space.path}: key 'resources': one trial needs {need} but the Ray cluster has "
                          f"{cluster_cpus:g} CPU / {cluster_gpus:g} GPU")
-    conc = min(fit, space.num_samples)
+    conc = min(fit, space.total_trials())
     if r.max_concurrent is not None:
         conc = min(conc, r.max_concurrent)
     return Plan(r.executor, r.workers_per_trial, trial, worker, cluster_cpus, cluster_gpus, max(1, conc), threads)
@@ -254,11 +254,18 @@ def describe_space(space: SearchSpace) -> str:
         if defaults.get(k) != v:
             lines.append(f"    {k:28s} {v!r}")
     lines.append(f"  objective: {space.mode} {space.metric} (val split)")
-    lines.append(f"  searcher: Optuna TPE seed {space.seed}, {space.startup_trials} random start-up trials, "
-                 f"{space.num_samples} trials")
+    if space.algorithm == "grid":
+        n = math.prod(len(p.choices) for p in space.params)
+        lines.append(f"  searcher: grid of {n} combinations x {space.num_samples} sample(s)")
+    else:
+        lines.append(f"  searcher: Optuna TPE seed {space.seed}, {space.startup_trials} random start-up trials, "
+                     f"{space.num_samples} trials")
     max_t = space.max_t or space.base_config().epochs
-    lines.append(f"  ASHA on the epoch: grace {space.grace_period}, reduction factor {space.reduction_factor}, "
-                 f"max_t {max_t}, brackets {space.brackets}")
+    if space.asha:
+        lines.append(f"  ASHA on the epoch: grace {space.grace_period}, reduction factor {space.reduction_factor}, "
+                     f"max_t {max_t}, brackets {space.brackets}")
+    else:
+        lines.append(f"  no early stopping: every trial runs {max_t} epochs")
     return "\n".join(lines)
 
 
@@ -307,19 +314,28 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
     trainable = tune.with_resources(fn, resources)
     if restore:
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_DB}")
-    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
-    searcher = OptunaSearch(space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
-                            storage=storage, study_name=space.name,
-                            points_to_evaluate=space.points_to_evaluate or None)
+    param_space: dict[str, Any] = {}
+    num_samples = space.num_samples
+    if space.algorithm == "grid":
+        searcher = None
+        param_space = {p.name: tune.grid_search(list(p.choices)) for p in space.params}
+    else:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_DB}")
+        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
+        searcher = OptunaSearch(space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
+                                storage=storage, study_name=space.name,
+                                points_to_evaluate=space.points_to_evaluate or None)
     max_t = space.max_t or space.base_config().epochs
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
-                              reduction_factor=space.reduction_factor, brackets=space.brackets)
+    scheduler = None
+    if space.asha:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
+                                  reduction_factor=space.reduction_factor, brackets=space.brackets)
     return tune.Tuner(
         trainable,
+        param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
-            num_samples=space.num_samples, max_concurrent_trials=plan.max_concurrent,
+            num_samples=num_samples, max_concurrent_trials=plan.max_concurrent,
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             trial_name_creator=lambda t: f"trial_{t.trial_id}",
         ),
@@ -420,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_space(space))
             where = f"cluster at {args.address or os.environ.get('RAY_ADDRESS')}" if (
                 args.address or os.environ.get("RAY_ADDRESS")) else "this machine"
-            print(f"  resources ({where}; assumed {cpus:g} CPU / {gpus:g} GPU): {make_plan(space, cpus, gpus).describe()}")
+            try:
+                plan_text = make_plan(space, cpus, gpus).describe()
+            except SpaceError as e:
+                plan_text = str(e).split("key 'resources': ", 1)[-1] + " (declare --num-cpus/--num-gpus or use --address)"
+            print(f"  resources ({where}; assumed {cpus:g} CPU / {gpus:g} GPU): {plan_text}")
             print(f"  experiment folder: {exp_dir}")
             return 0
         if args.resume and not exp_dir.is_dir():
@@ -469,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[pcl_tune] wall time {time.time() - t0:.0f}s", flush=True)
     if not args.no_report:
         _write_report(exp_dir)
-    if unfinished and len(results) < space.num_samples:
+    if unfinished and len(results) < space.total_trials():
         print(f"[pcl_tune] the search stopped early; continue it with: python -m pcl_tune.search --name {name} "
               f"--storage-path {storage_root} --resume", flush=True)
     return 0 if best is not None else 1

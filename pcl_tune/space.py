@@ -14,8 +14,12 @@ A file has these top-level keys (only ``search`` is required)::
       pcl.proto_loss: {choice: [proto_nce, topk]}
       pcl.k: {int: [1, 4], when: {pcl.proto_loss: topk}}     # conditional parameter
     objective: {metric: knn_top1, mode: max}
-    searcher: {seed: 0, startup_trials: 4, num_samples: 8, points_to_evaluate: [{...}]}
+    searcher: {algorithm: tpe, seed: 0, startup_trials: 4, num_samples: 8, points_to_evaluate: [{...}]}
     asha: {grace_period: 3, reduction_factor: 2, max_t: 10}  # on the epoch; max_t defaults to epochs
+
+``searcher.algorithm: grid`` runs every combination of the ``choice`` parameters once per
+``num_samples`` (for ablations; no conditions allowed); ``asha: {enabled: false}`` runs every
+trial to the end.
     resources: {executor: direct, cpus_per_trial: 1, gpus_per_trial: 0,
                 workers_per_trial: 2, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent: null}
 
@@ -42,8 +46,9 @@ from .config import ConfigError, TrainConfig, config_from_dict, flatten, merge, 
 
 TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "asha", "resources")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-SEARCHER_KEYS = ("seed", "startup_trials", "num_samples", "points_to_evaluate")
-ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "brackets")
+SEARCHER_KEYS = ("algorithm", "seed", "startup_trials", "num_samples", "points_to_evaluate")
+SEARCH_ALGORITHMS = ("tpe", "grid")
+ASHA_KEYS = ("enabled", "grace_period", "reduction_factor", "max_t", "brackets")
 RESOURCE_KEYS = ("executor", "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "cpus_per_worker",
                  "gpus_per_worker", "max_concurrent")
 EXECUTORS = ("direct", "train")
@@ -103,6 +108,8 @@ class SearchSpace:
     params: list[Param]
     metric: str = "knn_top1"
     mode: str = "max"
+    algorithm: str = "tpe"
+    asha: bool = True
     seed: int = 0
     startup_trials: int = 10
     num_samples: int = 20
@@ -112,6 +119,12 @@ class SearchSpace:
     max_t: int | None = None
     brackets: int = 1
     resources: Resources = field(default_factory=Resources)
+
+    def total_trials(self) -> int:
+        """Trials the search runs: num_samples, times the grid size for a grid search."""
+        if self.algorithm == "grid":
+            return self.num_samples * math.prod(len(p.choices) for p in self.params)
+        return self.num_samples
 
     def base_config(self) -> TrainConfig:
         return config_from_dict(self.fixed)
@@ -302,6 +315,7 @@ def load_space(path: str | Path) -> SearchSpace:
     space = SearchSpace(
         path=p, name=str(data.get("name") or p.stem), description=str(data.get("description") or ""),
         fixed=fixed, params=params, metric=metric, mode=mode,
+        algorithm=srch.get("algorithm", "tpe"), asha=asha.get("enabled", True),
         seed=ld.number("searcher.seed", srch.get("seed", 0), integer=True, minimum=0),
         startup_trials=ld.number("searcher.startup_trials", srch.get("startup_trials", 10), integer=True, minimum=0),
         num_samples=ld.number("searcher.num_samples", srch.get("num_samples", 20), integer=True),
@@ -395,15 +409,25 @@ def validate_space(space: SearchSpace) -> None:
     if space.max_t is not None and space.max_t > max(epochs):
         raise ld.fail("asha.max_t", space.max_t, f"<= epochs ({max(epochs)})")
     warmups = [int(v) for v in all_values(space, "pcl.warmup_epochs")]
-    if space.grace_period <= max(warmups) and space.grace_period < max_t:
+    if space.asha and space.grace_period <= max(warmups) and space.grace_period < max_t:
         raise ld.fail("asha.grace_period", space.grace_period,
                       f"> the warm-up ({max(warmups)} epochs): pruning before prototypes exist judges nothing")
-    if space.grace_period > max_t:
+    if space.asha and space.grace_period > max_t:
         raise ld.fail("asha.grace_period", space.grace_period, f"<= asha.max_t ({max_t})")
     levels = {s.num_levels for s in schedules}
     known = reported_metrics(max(levels))
     if space.metric not in known:
         raise ld.fail("objective.metric", space.metric, f"a metric the loop reports: {', '.join(sorted(known))}")
+    if space.algorithm not in SEARCH_ALGORITHMS:
+        raise ld.fail("searcher.algorithm", space.algorithm, f"one of {', '.join(SEARCH_ALGORITHMS)}")
+    if not isinstance(space.asha, bool):
+        raise ld.fail("asha.enabled", space.asha, "true or false")
+    if space.algorithm == "grid":
+        for q in space.params:
+            if q.kind != "choice" or q.when:
+                raise ld.fail(f"search.{q.name}", q.describe(), "an unconditional choice (grid search)")
+    if space.metric in ("knn_top1", "nmi", "ami") and base.eval.every != 1:
+        raise ld.fail("fixed.eval.every", base.eval.every, f"1: the objective {space.metric} is measured at evaluations")
     r = space.resources
     if r.executor == "train" and r.workers_per_trial < 1:
         raise ld.fail("resources.workers_per_trial", r.workers_per_trial, ">= 1 for the train executor")
