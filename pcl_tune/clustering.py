@@ -439,7 +439,7 @@ class ClusterSchedule:
         else:
             e0 = self.from_epoch if self.from_epoch is not None else warmup_epochs
             e1 = self.to_epoch if self.to_epoch is not None else num_epochs - 1
-            t = 1.0 if e1 <= e0 else min(1.0, max(0.0, (epoch - e0) / (e1 - e0)))
+            t = (0.0 if epoch < e0 else 1.0) if e1 <= e0 else min(1.0, max(0.0, (epoch - e0) / (e1 - e0)))
             if self.kind == "linear":
                 raw = [s + t * (e - s) for s, e in zip(self.start, self.end)]
             else:

@@ -171,7 +171,13 @@ def proto_nce(
         else:
             labels = torch.arange(batch, device=q.device)
     logits = (q @ prototypes[columns].to(q.dtype).T) / concentration[columns].to(q.dtype)
-    return F.cross_entropy(logits, labels), _accuracy(logits.detach(), labels)
+    if duplicates == "remap":
+        # Copies of a prototype have equal logits up to the last bit, so judge the prototype the
+        # arg-max column holds rather than the column index.
+        accuracy = (columns[logits.detach().argmax(dim=1)] == assignment).float().mean()
+    else:
+        accuracy = _accuracy(logits.detach(), labels)
+    return F.cross_entropy(logits, labels), accuracy
 
 
 def squared_distances(x: Tensor, y: Tensor) -> Tensor:

@@ -1,0 +1,169 @@
+"""Search-space files: parsing, define-by-run sampling, and every validation error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from pcl_tune.search import make_plan
+from pcl_tune.space import SpaceError, load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE: dict[str, Any] = {
+    "fixed": {"epochs": 6, "pcl": {"warmup_epochs": 2}, "data": {"digits_copies": [1, 1, 1]}},
+    "search": {
+        "optim.lr": {"loguniform": [0.01, 0.3]},
+        "pcl.cluster_schedule": {"choice": ["5,10", "linear:5,10->20,40"]},
+        "pcl.proto_loss": {"choice": ["proto_nce", "topk"]},
+        "pcl.k": {"int": [1, 4], "when": {"pcl.proto_loss": "topk"}},
+    },
+    "objective": {"metric": "knn_top1", "mode": "max"},
+    "searcher": {"seed": 0, "startup_trials": 2, "num_samples": 4},
+    "asha": {"grace_period": 3, "reduction_factor": 2},
+}
+
+
+def write(tmp_path: Path, data: dict[str, Any], name: str = "space.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def patched(**changes: Any) -> dict[str, Any]:
+    """A deep copy of BASE with dotted-path changes (value None deletes the key)."""
+    import copy
+
+    d = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        node = d
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return d
+
+
+def test_shipped_spaces_load() -> None:
+    names = sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml"))
+    assert {"demo", "cifar10", "miniimagenet", "imagenet_pcl", "loss_ablation"} <= set(names)
+    for p in (ROOT / "search_spaces").glob("*.yaml"):
+        space = load_space(p)
+        assert space.params, p
+    demo = load_space(ROOT / "search_spaces" / "demo.yaml")
+    assert demo.num_samples >= 8 and demo.asha
+    ablation = load_space(ROOT / "search_spaces" / "loss_ablation.yaml")
+    assert ablation.algorithm == "grid" and ablation.total_trials() == 3 * 2 * 3 * 3
+    ref = load_space(ROOT / "search_spaces" / "imagenet_pcl.yaml")
+    assert ref.points_to_evaluate[0]["pcl.cluster_schedule"] == "25000,50000,100000"
+
+
+def test_valid_space_parses(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, BASE))
+    assert [p.name for p in space.params] == ["optim.lr", "pcl.cluster_schedule", "pcl.proto_loss", "pcl.k"]
+    lr = space.params[0]
+    assert lr.log and lr.low == 0.01
+    cfg = space.trial_config({"optim.lr": 0.1, "pcl.k": 2})
+    assert cfg.optim.lr == 0.1 and cfg.pcl.k == 2 and cfg.epochs == 6
+
+
+def test_define_by_run_respects_conditions(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, BASE))
+    fn = space.define_by_run()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen_k = {"topk": 0, "proto_nce": 0}
+    for _ in range(30):
+        trial = study.ask()
+        fn(trial)
+        kind = trial.params["pcl.proto_loss"]
+        if "pcl.k" in trial.params:
+            assert kind == "topk"
+            assert 1 <= trial.params["pcl.k"] <= 4
+            seen_k[kind] += 1
+        else:
+            assert kind == "proto_nce"
+        study.tell(trial, 0.0)
+    assert seen_k["topk"] > 0
+    import pickle
+
+    assert pickle.loads(pickle.dumps(fn)).params == fn.params  # Tune checkpoints the searcher
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"bogus": 1}, "key 'bogus'"),
+        ({"fixed/optim/lrr": 0.1}, "optim.lrr"),
+        ({"fixed/epochs": "ten"}, "key 'epochs'"),
+        ({"search/optim.lrate": {"uniform": [0, 1]}}, "search.optim.lrate"),
+        ({"search/optim.lr": {"uniform": [0.3, 0.01]}}, "range is empty"),
+        ({"search/optim.lr": {"uniform": ["a", 1]}}, "a number"),
+        ({"search/pcl.proto_loss": {"choice": []}}, "non-empty list"),
+        ({"search/optim.lr": {"gaussian": [0, 1]}}, "search.optim.lr.gaussian"),
+        ({"search/pcl.k": {"int": [1, 9], "when": {"pcl.proto_loss": "topk"}}}, "smallest cluster count"),
+        ({"search/pcl.cluster_schedule": {"choice": ["5,10", "5000,10000"]}}, "training images"),
+        ({"asha/grace_period": 2}, "warm-up"),
+        ({"objective/metric": "top5"}, "objective.metric"),
+        ({"objective/mode": "maximise"}, "min or max"),
+        ({"resources": {"executor": "k8s"}}, "resources.executor"),
+        ({"searcher/algorithm": "cmaes"}, "searcher.algorithm"),
+        ({"search/pcl.cluster_schedule": {"choice": [[5, 10], "5,10"]}}, "as strings"),
+        ({"search/pcl.duplicates": {"choice": ["dedupe", "dedup"]}}, "pcl.duplicates"),
+    ],
+)
+def test_validation_errors_name_key(tmp_path: Path, changes: dict[str, Any], fragment: str) -> None:
+    path = write(tmp_path, patched(**changes))
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert fragment in msg
+    assert "\n" not in msg
+
+
+def test_condition_must_refer_to_earlier_param(tmp_path: Path) -> None:
+    data = patched()
+    data["search"] = {"pcl.k": {"int": [1, 3], "when": {"pcl.proto_loss": "topk"}},
+                      "pcl.proto_loss": {"choice": ["proto_nce", "topk"]}}
+    with pytest.raises(SpaceError, match="listed earlier"):
+        load_space(write(tmp_path, data))
+
+
+def test_cli_bad_space_exits_2_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, patched(**{"asha/grace_period": 1}))
+    proc = subprocess.run([sys.executable, "-m", "pcl_tune.search", "--space", str(path), "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "asha.grace_period" in lines[0]
+
+
+def test_cli_dry_run_prints_plan(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pcl_tune.search", "--space", str(ROOT / "search_spaces/demo.yaml"),
+                           "--dry-run", "--num-cpus", "4", "--workers-per-trial", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 DDP worker(s)" in proc.stdout and "at most 2 concurrent" in proc.stdout
+
+
+def test_plan_never_oversubscribes(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, patched(resources={"executor": "train", "workers_per_trial": 2,
+                                                          "cpus_per_worker": 1})))
+    plan = make_plan(space, cluster_cpus=5, cluster_gpus=0)
+    assert plan.max_concurrent == 2  # 2 trials x 2 workers x 1 CPU <= 5
+    assert plan.trial_resources["CPU"] == 0
+    with pytest.raises(SpaceError, match="one trial needs 2 CPU"):
+        make_plan(space, cluster_cpus=1, cluster_gpus=0)
+    direct = load_space(write(tmp_path, patched(resources={"executor": "direct", "cpus_per_trial": 1,
+                                                           "gpus_per_trial": 0.5}), "d.yaml"))
+    assert make_plan(direct, cluster_cpus=8, cluster_gpus=1).max_concurrent == 2  # GPU-bound: 2 halves
