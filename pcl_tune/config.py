@@ -23,6 +23,28 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key, the value and what was expected."""
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading ``1e-3`` (no dot) as a float, as people write it."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """Parse YAML with :class:`YamlLoader`; a syntax error becomes a one-line ConfigError."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
+
+
 @dataclass
 class DataConfig:
     dataset: str = "digits"
@@ -34,7 +56,8 @@ class DataConfig:
     image_size: int | None = None
     """Training crop size; default: the dataset's (32 digits/CIFAR, 84 mini-ImageNet, 224 folder)."""
     load_size: int | None = None
-    """Side images are decoded to before augmentation (file datasets); default: image_size * 8/7."""
+    """Side images are decoded to before augmentation (file datasets); default: image_size * 8/7 for
+    folders, image_size for mini-ImageNet (its images are 84 px)."""
     val_fraction: float = 0.1
     """Held-out fraction of train used as the labelled val split when the dataset has none."""
     num_workers: int = 2
@@ -43,6 +66,8 @@ class DataConfig:
     """digits: scenes rendered per source glyph in train / val / test."""
     subset: int | None = None
     """Use only the first N training images (smoke tests)."""
+    crop_min_scale: float = 0.2
+    """Smallest area fraction of the random resized crop (MoCo v2: 0.2)."""
 
 
 @dataclass
@@ -61,6 +86,9 @@ class ModelConfig:
     """MoCo queue length Q (independent of batch size and of pcl.num_negatives)."""
     momentum: float = 0.99
     """Key-encoder EMA momentum."""
+    bn_splits: int = 4
+    """Key encoder runs on this many shuffled sub-batches, so batch-norm statistics cannot leak
+    which key is the query's positive (MoCo's shuffle-BN, in one process). 1 turns it off."""
 
 
 @dataclass
@@ -183,7 +211,7 @@ def unflatten(d: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"key {k!r}: {p!r} is a value, not a section")
         last = parts[-1]
-        if isinstance(v, dict) and isinstance(node.get(last), dict):
+        if len(parts) == 1 and last in SECTIONS and isinstance(v, dict) and isinstance(node.get(last), dict):
             node[last].update(v)
         else:
             node[last] = v
@@ -240,7 +268,7 @@ def _type_name(tp: Any) -> str:
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of settings, got {data!r}")
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: expected a mapping of settings, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -248,7 +276,7 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
         full = f"{path}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {path}{close[0]!r}?)" if close else ""
+            hint = f" (did you mean {path + close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key {full!r}{hint}; expected one of: {', '.join(path + n for n in names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -301,6 +329,15 @@ def validate(cfg: TrainConfig) -> None:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"key {key!r}: got {flat[key]!r}, expected a value >= 0")
+    for key in ("data.subset", "data.image_size", "data.load_size", "pcl.topk_threshold"):
+        if flat[key] is not None and flat[key] < 1:
+            raise ConfigError(f"key {key!r}: got {flat[key]!r}, expected an integer >= 1 (or null)")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"key 'data.val_fraction': got {cfg.data.val_fraction!r}, expected a value in [0, 1)")
+    if not 0 < cfg.data.crop_min_scale <= 1:
+        raise ConfigError(f"key 'data.crop_min_scale': got {cfg.data.crop_min_scale!r}, expected a value in (0, 1]")
+    if cfg.model.bn_splits < 1:
+        raise ConfigError(f"key 'model.bn_splits': got {cfg.model.bn_splits!r}, expected an integer >= 1")
     if not 0 <= cfg.model.momentum < 1:
         raise ConfigError(f"key 'model.momentum': got {cfg.model.momentum!r}, expected a value in [0, 1)")
     if not 0 < cfg.pcl.alpha <= 4:
@@ -325,10 +362,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    data = read_yaml(p.read_text(), str(p)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     if "search" in data or "fixed" in data:
@@ -343,7 +377,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw, f"--set {item!r}") if raw.strip() else None
         out[key.strip()] = value
     return out
 
@@ -352,13 +386,15 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge two (nested or dotted) config dicts; ``override`` wins."""
     a, b = unflatten(base), unflatten(override)
 
-    def rec(x: dict[str, Any], y: dict[str, Any]) -> dict[str, Any]:
-        out = dict(x)
-        for k, v in y.items():
-            out[k] = rec(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
-
-    return rec(a, b)
+    out = dict(a)
+    for k, v in b.items():
+        # Only config sections merge key by key; a dict-valued setting (a cluster schedule such as
+        # {steps: {...}}) is replaced whole.
+        if k in SECTIONS and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
 
 
 def describe_fields() -> list[tuple[str, str, Any, str]]:

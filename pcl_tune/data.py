@@ -159,9 +159,9 @@ def _split_by_source(labels: np.ndarray, fractions: tuple[float, float, float], 
 def render_digit_scenes(digits: Tensor, *, size: int = 32, seed: int = 0, clutter: int = 3) -> Tensor:
     """Composite 8x8 digit glyphs into cluttered RGB scenes, deterministically from ``seed``.
 
-    Each scene: a colour gradient background with pixel noise, ``clutter`` random coloured
-    strokes, and the digit scaled to 40-80 % of the canvas, slightly rotated, at a random position,
-    in a random colour that contrasts with the background.
+    Each scene: a grey, slightly tinted background with a gradient and pixel noise, ``clutter``
+    thin random strokes, and the digit scaled to 50-90 % of the canvas, slightly rotated, at a
+    random position, in a random colour whose luminance contrasts with the background.
 
     Args:
         digits: (N, 8, 8) float glyph intensities in [0, 1].
@@ -176,24 +176,26 @@ def render_digit_scenes(digits: Tensor, *, size: int = 32, seed: int = 0, clutte
         return lo + (hi - lo) * torch.rand(*shape, generator=g)
 
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    # Background: gradient between two random colours along a random direction, plus noise.
-    c0, c1 = u(n, 3, 1, 1), u(n, 3, 1, 1)
+    # Background: a grey level with a weak tint, a gentle gradient and pixel noise. It varies per
+    # scene (so raw pixels are a poor cue) but carries no colour strong enough to be a shortcut
+    # for instance discrimination once colour jitter is applied.
+    grey = u(n, 1, 1, 1, lo=0.2, hi=0.8)
+    tint = 0.06 * torch.randn(n, 3, 1, 1, generator=g)
     ang = u(n, lo=0, hi=2 * np.pi)
-    t = ((torch.cos(ang)[:, None, None] * xx + torch.sin(ang)[:, None, None] * yy) + 1.5) / 3.0  # (n, S, S)
-    bg = c0 + (c1 - c0) * t[:, None]
-    bg = bg + 0.08 * torch.randn(n, 3, size, size, generator=g)
-    # Clutter: thick strokes (distance-to-segment fields) in random colours.
+    t = (torch.cos(ang)[:, None, None] * xx + torch.sin(ang)[:, None, None] * yy) * 0.12  # (n, S, S)
+    bg = grey + tint + t[:, None] + 0.06 * torch.randn(n, 3, size, size, generator=g)
+    # Clutter: thin, half-transparent strokes in random colours.
     for _ in range(clutter):
         p0, p1 = u(n, 2, lo=-1, hi=1), u(n, 2, lo=-1, hi=1)
         d = p1 - p0
         px = torch.stack([xx, yy], dim=-1)[None] - p0[:, None, None, :]  # (n, S, S, 2)
         tt = ((px * d[:, None, None, :]).sum(-1) / (d * d).sum(-1).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
         dist = (px - tt[..., None] * d[:, None, None, :]).norm(dim=-1)
-        width = u(n, lo=0.03, hi=0.09)[:, None, None]
-        alpha = (1 - dist / width).clamp(0, 1)[:, None]
+        width = u(n, lo=0.02, hi=0.05)[:, None, None]
+        alpha = 0.6 * (1 - dist / width).clamp(0, 1)[:, None]
         bg = bg * (1 - alpha) + u(n, 3, 1, 1) * alpha
     # The digit: scale, rotate, translate with one batched affine warp.
-    scale = u(n, lo=0.4, hi=0.8)
+    scale = u(n, lo=0.5, hi=0.9)
     rot = u(n, lo=-0.3, hi=0.3)
     max_shift = 1 - scale
     tx, ty = u(n, lo=-1, hi=1) * max_shift, u(n, lo=-1, hi=1) * max_shift
@@ -208,7 +210,7 @@ def render_digit_scenes(digits: Tensor, *, size: int = 32, seed: int = 0, clutte
     bg_lum = (bg.clamp(0, 1) * lum_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
     fg = u(n, 3, 1, 1)
     fg_lum = (fg * lum_w).sum(1, keepdim=True)
-    shift = torch.where(bg_lum > 0.5, -(fg_lum - (bg_lum - 0.45)).clamp_min(0), ((bg_lum + 0.45) - fg_lum).clamp_min(0))
+    shift = torch.where(bg_lum > 0.5, -(fg_lum - (bg_lum - 0.4)).clamp_min(0), ((bg_lum + 0.4) - fg_lum).clamp_min(0))
     fg = (fg + shift).clamp(0, 1)
     img = bg * (1 - alpha) + fg * alpha
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -295,7 +297,8 @@ def image_folder(root: str, *, image_size: int, val_fraction: float = 0.1, seed:
     return DatasetSplits("folder", train, val, test, len(classes), image_size, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def cifar(root: str, *, num_classes: int = 10, download: bool = False, val_size: int = 5000, seed: int = 0) -> DatasetSplits:
+def cifar(root: str, *, num_classes: int = 10, download: bool = False, val_fraction: float = 0.1,
+          seed: int = 0) -> DatasetSplits:
     """CIFAR-10/100 through torchvision; val is a stratified hold-out of the official train set."""
     import torchvision
 
@@ -312,7 +315,7 @@ def cifar(root: str, *, num_classes: int = 10, download: bool = False, val_size:
         return TensorImageDataset(imgs, torch.as_tensor(ds.targets, dtype=torch.long))  # type: ignore[attr-defined]
 
     train_all, test = to_ds(tr), to_ds(te)
-    keep, held = _holdout(train_all.labels, val_size / len(train_all), seed)
+    keep, held = _holdout(train_all.labels, val_fraction, seed)
     mean = (0.4914, 0.4822, 0.4465) if num_classes == 10 else (0.5071, 0.4865, 0.4409)
     std = (0.2470, 0.2435, 0.2616) if num_classes == 10 else (0.2673, 0.2564, 0.2762)
     return DatasetSplits(f"cifar{num_classes}", train_all.subset(keep), train_all.subset(held), test,

@@ -80,7 +80,8 @@ def broadcast_tensor(x: Tensor | None, *, src: int = 0, device: torch.device | N
         assert x is not None
         return x
     dev = device if device is not None else (x.device if x is not None else torch.device("cpu"))
-    dtypes = [torch.float32, torch.int64, torch.float64, torch.int32, torch.bool, torch.float16, torch.bfloat16]
+    dtypes = [torch.float32, torch.int64, torch.float64, torch.int32, torch.bool, torch.float16, torch.bfloat16,
+              torch.uint8, torch.int8, torch.int16]
     if rank() == src:
         assert x is not None
         header = torch.tensor([dtypes.index(x.dtype), x.ndim, *x.shape], dtype=torch.long, device=dev)
@@ -107,3 +108,11 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_buffers(module: torch.nn.Module, *, src: int = 0) -> None:
+    """Copy every buffer (batch-norm statistics, the MoCo queue) of ``module`` from ``src``."""
+    if not is_distributed():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src)

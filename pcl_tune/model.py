@@ -131,12 +131,29 @@ class MoCo(nn.Module):
         self.queue[idx] = keys
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % q)
 
-    def forward(self, im_q: Tensor, im_k: Tensor) -> tuple[Tensor, Tensor]:
+    @torch.no_grad()
+    def keys(self, im_k: Tensor, *, bn_splits: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """Key embeddings (B, D) from the momentum encoder.
+
+        With ``bn_splits > 1`` (in training mode) the batch is shuffled and encoded in that many
+        sub-batches, then un-shuffled: each key's batch-norm statistics come from a different set
+        of images than its query's, which removes the intra-batch shortcut MoCo's shuffle-BN fixes.
+        """
+        b = im_k.shape[0]
+        if bn_splits <= 1 or not self.encoder_k.training or b < 2 * bn_splits:
+            return self.encoder_k(im_k)
+        perm = torch.randperm(b, generator=generator).to(im_k.device)
+        parts = [self.encoder_k(chunk) for chunk in im_k[perm].chunk(bn_splits)]
+        k = torch.empty((b, parts[0].shape[1]), dtype=parts[0].dtype, device=im_k.device)
+        k[perm] = torch.cat(parts)
+        return k
+
+    def forward(self, im_q: Tensor, im_k: Tensor, *, bn_splits: int = 1,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Query embeddings (with grad) and key embeddings (momentum encoder, no grad); (B, D) each.
 
         Call :meth:`momentum_update` before and :meth:`enqueue` after computing the loss.
         """
         q = self.encoder_q(im_q)
-        with torch.no_grad():
-            k = self.encoder_k(im_k)
+        k = self.keys(im_k, bn_splits=bn_splits, generator=generator)
         return q, k

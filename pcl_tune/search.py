@@ -76,9 +76,11 @@ def direct_trial(params: dict[str, Any], *, fixed: dict[str, Any], threads: int)
         work = Path(tmp)
         resume = _stage_checkpoint(tune.get_checkpoint(), work / "restore")
 
+        node = _node_id()
+
         def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
             checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-            tune.report(_clean(metrics), checkpoint=checkpoint)
+            tune.report({**_clean(metrics), "node_id": node}, checkpoint=checkpoint)
 
         train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
 
@@ -95,9 +97,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         work = Path(tmp)
         resume = _stage_checkpoint(ray.train.get_checkpoint(), work / "restore")
 
+        node = _node_id()
+
         def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-            ray.train.report(_clean(metrics), checkpoint=checkpoint)
+            ray.train.report({**_clean(metrics), "node_id": node}, checkpoint=checkpoint)
 
         train_loop(loop_config["config"], out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
 
@@ -136,6 +140,16 @@ def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, 
         ),
     )
     trainer.fit()
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on (reported with every result: where did the trial run?)."""
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -39,10 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .clustering import ClusterSchedule
-from .config import ConfigError, TrainConfig, config_from_dict, flatten, merge, unflatten
+from .config import ConfigError, TrainConfig, config_from_dict, flatten, merge, read_yaml, unflatten
 
 TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "asha", "resources")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
@@ -268,9 +266,9 @@ def load_space(path: str | Path) -> SearchSpace:
     if not p.is_file():
         raise SpaceError(f"{p}: search-space file not found")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        data = read_yaml(p.read_text(), str(p))
+    except ConfigError as e:
+        raise SpaceError(str(e)) from None
     if not isinstance(data, dict):
         raise SpaceError(f"{p}: expected a mapping with keys {', '.join(TOP_KEYS)}")
     for k in data:

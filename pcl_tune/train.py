@@ -89,7 +89,7 @@ def load_datasets(cfg: TrainConfig) -> DatasetSplits:
             splits = D.digit_scenes(seed=cfg.seed, size=dc.image_size or 32, copies=tuple(dc.digits_copies))  # type: ignore[arg-type]
         elif dc.dataset in ("cifar10", "cifar100"):
             splits = D.cifar(dc.root or ".", num_classes=10 if dc.dataset == "cifar10" else 100,
-                             download=dc.download, seed=cfg.seed)
+                             download=dc.download, val_fraction=dc.val_fraction, seed=cfg.seed)
         elif dc.dataset == "miniimagenet":
             size = dc.image_size or 84
             splits = D.mini_imagenet(dc.root or ".", image_size=dc.load_size or size, val_fraction=dc.val_fraction,
@@ -155,7 +155,8 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
-        self.augment = MoCoV2Augment(self.data.image_size, self.data.mean, self.data.std)
+        self.augment = MoCoV2Augment(self.data.image_size, self.data.mean, self.data.std,
+                                     scale=(cfg.data.crop_min_scale, 1.0))
         # Separate RNG streams: augmentation and negative-prototype draws. Saved in checkpoints.
         self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + self.rank)
         self.neg_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 + self.rank)
@@ -216,7 +217,7 @@ class Trainer:
             p = p / CHECKPOINT_FILE
         if not p.is_file():
             raise FileNotFoundError(f"no checkpoint at {p}")
-        state = torch.load(p, map_location=self.device, weights_only=False)
+        state = torch.load(p, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
         self.load_state_dict(state)
         log.info("resumed from %s at epoch %d", p, self.start_epoch)
 
@@ -307,8 +308,7 @@ class Trainer:
             self.model.momentum_update()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 q = F.normalize(self.query_net(im_q).float(), dim=1)
-                with torch.no_grad():
-                    k = self.model.encoder_k(im_k).float()
+                k = self.model.keys(im_k, bn_splits=cfg.model.bn_splits, generator=self.aug_gen).float()
             levels = []
             if clusters is not None:
                 index = index.to(self.device)
@@ -316,7 +316,7 @@ class Trainer:
             loss, parts = pcl_loss(q, k, self.model.queue.clone(), levels, temperature=cfg.pcl.temperature,
                                    config=self.proto_cfg, proto_weight=cfg.pcl.proto_weight, generator=self.neg_gen)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {float(loss)} at epoch {epoch + 1}, batch {b + 1} "
+                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
                                        f"(lr {lr:.4g}); lower optim.lr or check the temperatures")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -326,9 +326,12 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + float(v)
             seen += images.shape[0]
             if cfg.progress and dist_utils.is_main():
-                _progress(epoch, cfg.epochs, b + 1, num_batches, float(loss), seen / (time.perf_counter() - t0))
+                _progress(epoch, cfg.epochs, b + 1, num_batches, loss.item(), seen / (time.perf_counter() - t0))
         if cfg.progress and dist_utils.is_main():
             _progress_end()
+        # Batch-norm running statistics are updated locally on every rank; make them rank 0's so
+        # features, kNN and the checkpoint do not depend on which rank computed what.
+        dist_utils.broadcast_buffers(self.model)
         means = {k: v / max(1, num_batches) for k, v in sums.items()}
         means = dist_utils.all_reduce_mean(means, self.device)
         for key in list(means):

@@ -1,0 +1,254 @@
+"""Tests of pcl_tune.distributed: the single-process no-op paths, and two gloo processes on CPU.
+
+The two-process test starts this file as a script twice (ranks 0 and 1, ``init_method=file://``);
+each rank writes what it computed to a ``.pt`` file and the test compares those with what one
+process computes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+
+from pcl_tune import distributed as D
+
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
+WORLD = 2
+SIZES = (7, 10, 1)  # 7: not divisible by the world size; 1: fewer samples than ranks
+EMBED_SUBSET = 37  # odd, so the padded shards repeat a sample
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _features(index: torch.Tensor) -> torch.Tensor:
+    """Per-sample rows that depend only on the sample index (a seeded layer of seeded inputs)."""
+    gen = torch.Generator().manual_seed(123)
+    inputs = torch.randn(64, 5, generator=gen)
+    weight = torch.randn(5, 3, generator=gen)
+    return torch.tanh(inputs[index] @ weight)
+
+
+def _broadcast_payloads() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return {
+        "float32_3d": torch.randn(2, 3, 4, generator=gen),
+        "int64_1d": torch.arange(11) * 7 - 30,
+        "float64_2d": torch.randn(5, 2, generator=gen, dtype=torch.float64),
+        "int32_4d": torch.randint(-100, 100, (1, 2, 3, 2), generator=gen, dtype=torch.int32),
+        "bool_2d": torch.rand(3, 3, generator=gen) > 0.5,
+        "float16": torch.randn(6, generator=gen).half(),
+        "bfloat16": torch.randn(2, 5, generator=gen).bfloat16(),
+        "scalar": torch.tensor(3.5),
+        "noncontiguous": torch.arange(12.0).view(3, 4).T,
+    }
+
+
+def _embed_config() -> dict[str, Any]:
+    return {
+        "device": "cpu", "threads": 1, "progress": False, "seed": 3, "epochs": 2,
+        "data.digits_copies": [1, 1, 1], "data.subset": EMBED_SUBSET, "data.num_workers": 0,
+        "optim.batch_size": 8, "model.width": 4, "model.queue_size": 64, "model.low_dim": 16,
+        "clustering.nredo": 1, "clustering.niter": 5, "pcl.warmup_epochs": 0, "pcl.cluster_schedule": "3,5",
+        "eval.batch_size": 8,
+    }
+
+
+# --------------------------------------------------------------------------- the worker (run as a script)
+
+
+def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        res: dict[str, Any] = {"rank": D.rank(), "world": D.world_size(), "is_main": D.is_main(),
+                               "distributed": D.is_distributed()}
+        for n in SIZES:
+            local = D.shard(torch.arange(n), pad=True)
+            res[f"shard_{n}"] = local
+            res[f"shard_nopad_{n}"] = D.shard(torch.arange(n), pad=False)
+            res[f"gather_{n}"] = D.gather_by_index(_features(local), local, n)
+        res["all_gather"] = D.all_gather_cat(torch.full((2, 3), float(rank)))
+        res["reduce"] = D.all_reduce_mean({"a": float(rank), "b": 2.0 * rank + 1}, torch.device("cpu"))
+        payloads = _broadcast_payloads()
+        res["broadcast"] = {k: D.broadcast_tensor(v if rank == 0 else None) for k, v in payloads.items()}
+        res["broadcast_from_1"] = D.broadcast_tensor(torch.arange(4) + 100 if rank == 1 else None, src=1)
+
+        from pcl_tune.config import config_from_dict
+        from pcl_tune.train import Trainer
+
+        trainer = Trainer(config_from_dict(_embed_config()))
+        res["trainer_world"] = trainer.world
+        res["ddp"] = isinstance(trainer.query_net, torch.nn.parallel.DistributedDataParallel)
+        heads, feats = trainer.embed(trainer.data.train, head=True, backbone=True)
+        res["embed_heads"], res["embed_feats"] = heads, feats
+        # Clustering runs on rank 0 and is broadcast; then one DDP epoch on the shards.
+        assert heads is not None
+        clusters = trainer.cluster_features(heads, 0)
+        res["cluster_assignment"] = [lv.assignment.cpu() for lv in clusters.levels]
+        res["cluster_centroids"] = [lv.centroids.cpu() for lv in clusters.levels]
+        res["cluster_concentration"] = [lv.concentration.cpu() for lv in clusters.levels]
+        res["epoch_metrics"] = trainer.train_epoch(0, clusters)
+        res["params_q"] = [p.detach().clone() for p in trainer.model.encoder_q.parameters()]
+        res["params_k"] = [p.detach().clone() for p in trainer.model.encoder_k.parameters()]
+        res["buffers_q"] = [b.detach().clone() for b in trainer.model.encoder_q.buffers()]
+        res["buffers_k"] = [b.detach().clone() for b in trainer.model.encoder_k.buffers()]
+        res["queue"] = trainer.model.queue.clone()
+        torch.save(res, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Run the worker as ranks 0 and 1; returns what each rank saved."""
+    tmp = tmp_path_factory.mktemp("gloo")
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    procs = [
+        subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp / "init"), str(tmp / f"rank{r}.pt")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for r in range(WORLD)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# --------------------------------------------------------------------------- single process
+
+
+def test_single_process_helpers_are_no_ops() -> None:
+    assert not D.is_distributed() and D.rank() == 0 and D.world_size() == 1 and D.is_main()
+    idx = torch.tensor([4, 1, 3])
+    assert D.shard(idx, pad=True) is idx and D.shard(idx, pad=False) is idx
+    x = torch.randn(3, 2)
+    assert D.all_gather_cat(x) is x
+    assert D.broadcast_tensor(x) is x
+    assert D.all_reduce_mean({"a": 1.5}, torch.device("cpu")) == {"a": 1.5}
+    D.barrier()
+    out = D.gather_by_index(x, idx, 5)  # rows placed by sample index
+    assert out.shape == (5, 2)
+    assert torch.equal(out[idx], x) and torch.equal(out[[0, 2]], torch.zeros(2, 2))
+
+
+# --------------------------------------------------------------------------- two gloo processes
+
+
+def test_ranks_see_the_group(two_ranks: list[dict[str, Any]]) -> None:
+    assert [r["rank"] for r in two_ranks] == [0, 1]
+    assert all(r["world"] == WORLD and r["distributed"] for r in two_ranks)
+    assert [r["is_main"] for r in two_ranks] == [True, False]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_padded_shards_cover_every_sample_with_equal_counts(two_ranks: list[dict[str, Any]], n: int) -> None:
+    shards = [r[f"shard_{n}"] for r in two_ranks]
+    per = -(-n // WORLD)
+    assert all(s.numel() == per for s in shards)
+    assert set(torch.cat(shards).tolist()) == set(range(n))
+    unpadded = [r[f"shard_nopad_{n}"] for r in two_ranks]
+    assert sorted(torch.cat(unpadded).tolist()) == list(range(n))  # without padding: each sample exactly once
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_gather_by_index_equals_single_process(two_ranks: list[dict[str, Any]], n: int) -> None:
+    expected = _features(torch.arange(n))
+    for r in two_ranks:
+        assert r[f"gather_{n}"].shape == expected.shape
+        assert torch.allclose(r[f"gather_{n}"], expected, atol=1e-6), r["rank"]
+
+
+def test_all_gather_and_all_reduce(two_ranks: list[dict[str, Any]]) -> None:
+    expected = torch.cat([torch.zeros(2, 3), torch.ones(2, 3)])
+    for r in two_ranks:
+        assert torch.equal(r["all_gather"], expected)
+        assert r["reduce"] == pytest.approx({"a": 0.5, "b": 2.0})
+
+
+def test_broadcast_tensor_any_shape_and_dtype(two_ranks: list[dict[str, Any]]) -> None:
+    payloads = _broadcast_payloads()
+    for r in two_ranks:
+        for key, sent in payloads.items():
+            got = r["broadcast"][key]
+            assert got.dtype == sent.dtype and got.shape == sent.shape, (r["rank"], key)
+            assert torch.equal(got, sent), (r["rank"], key)
+        assert torch.equal(r["broadcast_from_1"], torch.arange(4) + 100)
+
+
+def test_trainer_embed_two_ranks_equals_one_process(two_ranks: list[dict[str, Any]]) -> None:
+    from pcl_tune.config import config_from_dict
+    from pcl_tune.train import Trainer
+
+    single = Trainer(config_from_dict(_embed_config()))
+    assert single.world == 1
+    heads, feats = single.embed(single.data.train, head=True, backbone=True)
+    assert heads is not None and feats is not None
+    assert heads.shape == (EMBED_SUBSET, 16) and feats.shape == (EMBED_SUBSET, 32)
+    for r in two_ranks:
+        assert r["trainer_world"] == WORLD and r["ddp"]
+        assert torch.allclose(r["embed_heads"], heads, atol=1e-5), r["rank"]
+        assert torch.allclose(r["embed_feats"], feats, atol=1e-5), r["rank"]
+
+
+def test_clusters_broadcast_from_rank_0(two_ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = two_ranks
+    assert [a.numel() for a in r0["cluster_assignment"]] == [EMBED_SUBSET, EMBED_SUBSET]
+    assert [c.shape[0] for c in r0["cluster_centroids"]] == [3, 5]
+    for key in ("cluster_assignment", "cluster_centroids", "cluster_concentration"):
+        for a, b in zip(r0[key], r1[key]):
+            assert torch.equal(a, b), key
+
+
+def test_ddp_epoch_keeps_ranks_in_sync(two_ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = two_ranks
+    # Gradients are averaged: identical query (and hence key) weights; keys gathered: identical queue.
+    for a, b in zip(r0["params_q"], r1["params_q"]):
+        assert torch.equal(a, b)
+    for a, b in zip(r0["params_k"], r1["params_k"]):
+        assert torch.equal(a, b)
+    assert torch.equal(r0["queue"], r1["queue"])
+    # Metrics are averaged over ranks.
+    m0, m1 = r0["epoch_metrics"], r1["epoch_metrics"]
+    for key in ("loss", "loss_inst", "acc_inst", "loss_proto", "acc_proto_0", "lr"):
+        assert m0[key] == pytest.approx(m1[key], rel=1e-9), key
+    assert all(torch.isfinite(torch.tensor(m0[k])) for k in ("loss", "loss_proto"))
+
+
+def test_ddp_epoch_keeps_batchnorm_buffers_in_sync(two_ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = two_ranks
+    for key in ("buffers_q", "buffers_k"):
+        for a, b in zip(r0[key], r1[key]):
+            assert torch.equal(a, b), key
+
+
+def test_broadcast_tensor_uint8_on_the_source_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[torch.Tensor] = []
+    monkeypatch.setattr(D, "is_distributed", lambda: True)
+    monkeypatch.setattr(D, "rank", lambda: 0)
+    monkeypatch.setattr(D.dist, "broadcast", lambda t, src: sent.append(t.clone()))
+    x = torch.arange(6, dtype=torch.uint8).view(2, 3)
+    out = D.broadcast_tensor(x)
+    assert torch.equal(out, x) and len(sent) == 3
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -1,0 +1,354 @@
+"""Tests of pcl_tune.model (MoCo) and pcl_tune.train (the epoch loop, checkpoints, the command line).
+
+Runs are tiny (256 digit scenes, a width-8 CNN, one thread) so the whole file takes well under a
+minute of CPU time.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+import pcl_tune.train as train_mod
+from pcl_tune.config import config_from_dict
+from pcl_tune.model import Encoder, MoCo, build_backbone, build_head
+from pcl_tune.train import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainingDiverged, format_epoch_line, train_loop
+
+pytestmark = pytest.mark.usefixtures("torch_threads")
+
+DOCUMENTED_KEYS = [
+    "loss", "loss_inst", "loss_proto", "loss_proto_0", "acc_inst", "acc_proto", "acc_proto_0", "knn_top1",
+    "nmi", "ami", "nmi_0", "num_clusters_0", "clusters", "time_features", "time_clustering", "time_train",
+    "time_eval", "images_per_s", "lr",
+]
+PROTO_KEYS = ["loss_proto", "acc_proto", "loss_proto_0", "acc_proto_0", "loss_proto_1", "acc_proto_1",
+              "nmi", "ami", "nmi_0", "ami_0", "nmi_1", "ami_1"]
+NOT_REPRODUCIBLE = ("time_", "images_per_s")
+
+
+def _same(a: Any, b: Any, tol: float = 1e-6) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return abs(a - b) <= tol * max(1.0, abs(a))
+    return bool(a == b)
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    assert set(a) == set(b)
+    return {k: (a[k], b[k]) for k in a if not k.startswith(NOT_REPRODUCIBLE) and not _same(a[k], b[k])}
+
+
+@dataclass
+class Run:
+    out: Path
+    history: list[dict[str, Any]]
+    calls: list[tuple[int, dict[str, Any], Path | None]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> Run:
+    """Three epochs (one of warm-up) of the tiny config, with a recording callback."""
+    cfg = {
+        "device": "cpu", "threads": 1, "progress": False, "seed": 0, "epochs": 3,
+        "data.digits_copies": [1, 1, 1], "data.subset": 256, "data.num_workers": 0,
+        "optim.batch_size": 32, "model.width": 8, "model.queue_size": 256,
+        "clustering.nredo": 1, "clustering.niter": 10, "pcl.warmup_epochs": 1, "pcl.cluster_schedule": "5,10",
+        "eval.batch_size": 256,
+    }
+    out = tmp_path_factory.mktemp("straight")
+    run = Run(out, [])
+    run.history = train_loop(cfg, out_dir=out, verbose=False,
+                             callback=lambda e, m, c: run.calls.append((e, dict(m), c)))
+    return run
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_moco_forward_shapes_and_unit_norm() -> None:
+    torch.manual_seed(0)
+    model = MoCo("small_cnn", "mlp", 16, queue_size=40, width=4)
+    x = torch.randn(6, 3, 32, 32)
+    q, k = model(x, x + 0.1)
+    assert q.shape == (6, 16) and k.shape == (6, 16)
+    assert torch.allclose(q.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert torch.allclose(k.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert q.requires_grad and not k.requires_grad
+    assert model.queue.shape == (40, 16)
+    assert torch.allclose(model.queue.norm(dim=1), torch.ones(40), atol=1e-5)
+    feats = model.encoder_q.features(x)
+    assert feats.shape == (6, 32) and torch.allclose(feats.norm(dim=1), torch.ones(6), atol=1e-5)
+    # Key encoder starts as a copy of the query encoder.
+    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+        assert torch.equal(pq, pk) and not pk.requires_grad
+
+
+def test_moco_momentum_update_moves_key_towards_query() -> None:
+    torch.manual_seed(0)
+    model = MoCo("small_cnn", "linear", 8, queue_size=16, width=4, momentum=0.9)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+        for b in model.encoder_q.buffers():
+            if b.is_floating_point():
+                b.add_(1.0)
+    before = [p.clone() for p in model.encoder_k.parameters()]
+    query = [p.clone() for p in model.encoder_q.parameters()]
+    model.momentum_update()
+    for k0, q0, k1 in zip(before, query, model.encoder_k.parameters()):
+        assert torch.allclose(k1, 0.9 * k0 + 0.1 * q0, atol=1e-6)
+        assert (k1 - q0).norm() < (k0 - q0).norm() or torch.equal(k0, q0)
+    for bq, bk in zip(model.encoder_q.buffers(), model.encoder_k.buffers()):
+        assert torch.equal(bq, bk)
+    # The query encoder is untouched.
+    for q0, q1 in zip(query, model.encoder_q.parameters()):
+        assert torch.equal(q0, q1)
+
+
+def test_moco_enqueue_wraps_around() -> None:
+    model = MoCo("small_cnn", "linear", 2, queue_size=10, width=4)
+    initial = model.queue.clone()
+
+    def keys(start: int, n: int) -> torch.Tensor:
+        return torch.arange(start, start + n, dtype=torch.float32)[:, None].repeat(1, 2)
+
+    model.enqueue(keys(100, 4))
+    assert int(model.queue_ptr) == 4
+    assert model.queue[:4, 0].tolist() == [100, 101, 102, 103]
+    assert torch.equal(model.queue[4:], initial[4:])
+    model.enqueue(keys(200, 4))
+    model.enqueue(keys(300, 4))  # 8, 9, then wraps to 0, 1
+    assert int(model.queue_ptr) == 2
+    assert model.queue[:, 0].tolist() == [302, 303, 102, 103, 200, 201, 202, 203, 300, 301]
+    model.enqueue(keys(400, 3))  # 2, 3, 4
+    assert int(model.queue_ptr) == 5
+    assert model.queue[:, 0].tolist() == [302, 303, 400, 401, 402, 201, 202, 203, 300, 301]
+
+
+def test_moco_enqueue_more_keys_than_queue_keeps_the_last() -> None:
+    model = MoCo("small_cnn", "linear", 2, queue_size=5, width=4)
+    model.enqueue(torch.ones(2, 2))
+    keys = torch.arange(12, dtype=torch.float32)[:, None].repeat(1, 2)
+    model.enqueue(keys)
+    assert sorted(model.queue[:, 0].tolist()) == [7, 8, 9, 10, 11]
+    model.enqueue(torch.full((1, 2), 50.0))
+    # The oldest key is the one overwritten next.
+    assert 7 not in model.queue[:, 0].tolist() and 50 in model.queue[:, 0].tolist()
+
+
+def test_resnet18_small_stem_on_32px() -> None:
+    torch.manual_seed(0)
+    enc = Encoder("resnet18", "mlp", 16, small_stem=True)
+    net = enc.backbone
+    assert enc.feature_dim == 512
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity) and isinstance(net.fc, torch.nn.Identity)
+    out = enc(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 16) and torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_model_argument_errors() -> None:
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vgg")
+    with pytest.raises(ValueError, match="unknown head"):
+        build_head("conv", 8, 4)
+    with pytest.raises(ValueError, match="queue_size"):
+        MoCo(queue_size=0, width=4)
+    with pytest.raises(ValueError, match="momentum"):
+        MoCo(momentum=1.0, width=4)
+
+
+# --------------------------------------------------------------------------- the epoch loop
+
+
+def test_metrics_csv_has_documented_keys(straight_run: Run) -> None:
+    path = straight_run.out / "metrics.csv"
+    assert path.is_file()
+    df = pd.read_csv(path)
+    missing = [k for k in DOCUMENTED_KEYS if k not in df.columns]
+    assert not missing
+    assert df["epoch"].tolist() == [1, 2, 3]
+    assert len(straight_run.history) == 3
+
+
+def test_proto_metrics_nan_in_warmup_finite_after(straight_run: Run) -> None:
+    df = pd.read_csv(straight_run.out / "metrics.csv")
+    warm, after = df.iloc[0], df.iloc[1:]
+    for key in PROTO_KEYS:
+        assert math.isnan(warm[key]), key
+        assert after[key].notna().all(), key
+    assert warm["num_clusters_0"] == 0 and warm["num_clusters_1"] == 0
+    assert after["num_clusters_0"].tolist() == [5, 5] and after["num_clusters_1"].tolist() == [10, 10]
+    assert after["clusters"].tolist() == ["5,10", "5,10"]
+    assert straight_run.history[0]["clusters"] == ""
+    for key in ("loss", "loss_inst", "acc_inst", "knn_top1", "lr", "images_per_s", "time_train"):
+        assert df[key].notna().all(), key
+    # Accuracies are percentages.
+    for key in ("acc_inst", "acc_proto", "acc_proto_0", "knn_top1"):
+        vals = df[key].dropna()
+        assert ((vals >= 0) & (vals <= 100)).all(), key
+    assert (after["acc_proto_0"] > 1.0).any()  # in percent, not a 0-1 fraction
+    # loss = loss_inst + proto_weight * loss_proto (means over the same batches).
+    assert df["loss"].iloc[0] == pytest.approx(df["loss_inst"].iloc[0], rel=1e-6)
+    for _, row in after.iterrows():
+        assert row["loss"] == pytest.approx(row["loss_inst"] + row["loss_proto"], rel=1e-5)
+        assert row["loss_proto"] == pytest.approx((row["loss_proto_0"] + row["loss_proto_1"]) / 2, rel=1e-5)
+    # Cosine schedule over 3 epochs.
+    assert df["lr"].tolist() == pytest.approx([0.06 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
+
+
+def test_callback_once_per_epoch_with_checkpoint(straight_run: Run) -> None:
+    calls = straight_run.calls
+    assert [c[0] for c in calls] == [0, 1, 2]
+    for epoch, metrics, ckpt in calls:
+        assert ckpt == straight_run.out / CHECKPOINT_DIR
+        assert metrics["epoch"] == epoch + 1
+        assert _differences(metrics, straight_run.history[epoch]) == {}
+    ckpt_file = straight_run.out / CHECKPOINT_DIR / CHECKPOINT_FILE
+    assert ckpt_file.is_file()
+    assert not (straight_run.out / CHECKPOINT_DIR / (CHECKPOINT_FILE + ".tmp")).exists()
+    state = torch.load(ckpt_file, weights_only=False)
+    assert state["epoch"] == 2 and len(state["history"]) == 3
+    assert state["config"]["pcl"]["cluster_schedule"] == "5,10"
+
+
+def test_exact_resume_matches_straight_run(straight_run: Run, tmp_path: Path) -> None:
+    cfg = config_from_dict(torch.load(straight_run.out / CHECKPOINT_DIR / CHECKPOINT_FILE,
+                                      weights_only=False)["config"])
+    first = train_loop(cfg, out_dir=tmp_path, verbose=False, max_epochs=2)
+    assert [m["epoch"] for m in first] == [1, 2]
+    assert torch.load(tmp_path / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=False)["epoch"] == 1
+    calls: list[int] = []
+    resumed = train_loop(cfg, out_dir=tmp_path, verbose=False, resume_from=tmp_path / CHECKPOINT_DIR,
+                         callback=lambda e, m, c: calls.append(e))
+    assert calls == [2]  # only the remaining epoch runs
+    assert [m["epoch"] for m in resumed] == [1, 2, 3]
+    for epoch in range(3):
+        diff = _differences(straight_run.history[epoch], resumed[epoch])
+        assert diff == {}, f"epoch {epoch + 1}: {diff}"
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 3
+    # Resuming a finished run trains nothing more.
+    done = train_loop(cfg, out_dir=tmp_path, verbose=False, resume_from=tmp_path / CHECKPOINT_DIR)
+    assert len(done) == 3 and all(_differences(a, b) == {} for a, b in zip(done, resumed))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
+    cfg = {**tiny_config, "device": "cuda", "amp": False, "epochs": 2}
+    train_loop(cfg, out_dir=tmp_path, verbose=False, max_epochs=1)
+    resumed = train_loop(cfg, out_dir=tmp_path, verbose=False, resume_from=tmp_path / CHECKPOINT_DIR)
+    assert [m["epoch"] for m in resumed] == [1, 2]
+
+
+def test_resume_from_missing_checkpoint(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_loop(tiny_config, resume_from=tmp_path / "nothing", verbose=False)
+
+
+def test_duplicate_positives_cap_proto_accuracy(tiny_config: dict[str, Any]) -> None:
+    """The report's failure: with fewer clusters M than the batch B, duplicates="none" labels each row
+    with its own column, so at most one row per unique prototype can be right: acc <= 100 * M / B."""
+    base = {**tiny_config, "optim.batch_size": 64, "epochs": 3, "pcl.warmup_epochs": 1,
+            "pcl.cluster_schedule": "5,10"}
+    none = train_loop({**base, "pcl.duplicates": "none"}, verbose=False)
+    dedupe = train_loop({**base, "pcl.duplicates": "dedupe"}, verbose=False)
+    cap_0, cap_1 = 100 * 5 / 64, 100 * 10 / 64
+    for m in none[1:]:
+        assert m["acc_proto_0"] <= cap_0 + 1e-9
+        assert m["acc_proto_1"] <= cap_1 + 1e-9
+    for m in dedupe[1:]:
+        assert m["acc_proto_0"] > cap_0 + 5
+        assert m["acc_proto"] > 2 * max(n["acc_proto"] for n in none[1:])
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+def test_nan_loss_raises_training_diverged(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    cfg = {**tiny_config, "optim.lr": 1e30, "pcl.warmup_epochs": 5, "epochs": 5}
+    with pytest.raises(TrainingDiverged) as info:
+        train_loop(cfg, out_dir=tmp_path, verbose=False)
+    msg = str(info.value)
+    assert "loss is nan" in msg.lower() or "loss is inf" in msg.lower()
+    assert "epoch 1" in msg and "batch" in msg and "optim.lr" in msg
+    assert not (tmp_path / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()  # nothing saved from a diverged epoch
+
+
+def test_nan_loss_from_the_loss_function(tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    real = train_mod.pcl_loss
+    calls = {"n": 0}
+
+    def nan_after_two(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * math.nan if calls["n"] == 3 else loss), parts
+
+    monkeypatch.setattr(train_mod, "pcl_loss", nan_after_two)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, batch 3 \(lr 0\.06\)"):
+        train_loop({**tiny_config, "epochs": 2}, verbose=False)
+
+
+def test_format_epoch_line_shows_dashes_for_nan(straight_run: Run) -> None:
+    warm = format_epoch_line(straight_run.history[0])
+    later = format_epoch_line(straight_run.history[2])
+    assert warm.startswith("epoch   1") and "proto -/-%" in warm and "nmi -" in warm
+    assert "clusters [5,10]" in later and "proto -/-%" not in later
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pcl_tune.train", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+
+
+def test_cli_end_to_end_and_refuses_existing_out(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    out = tmp_path / "run"
+    sets = ["data.digits_copies=[1,1,1]", "data.subset=128", "data.num_workers=0", "optim.batch_size=32",
+            "model.width=8", "model.queue_size=256", "clustering.nredo=1", "clustering.niter=5", "progress=false",
+            "device=cpu", "threads=1", "pcl.warmup_epochs=1", "pcl.cluster_schedule=5,10", "eval.batch_size=256"]
+    base_args = [a for s in sets for a in ("--set", s)] + ["--out", str(out)]
+    args = [*base_args, "--epochs", "2"]
+    proc = _cli(args, subprocess_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(out / "metrics.csv")
+    assert df["epoch"].tolist() == [1, 2]
+    assert df["clusters"].tolist()[1] == "5,10"
+    assert (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
+    assert (out / "config.yaml").is_file()
+    import yaml
+
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["data"]["subset"] == 128 and written["epochs"] == 2
+    assert "done: knn_top1" in proc.stdout
+
+    again = _cli(args, subprocess_env, tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.startswith("error: ") and "--resume" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert len(pd.read_csv(out / "metrics.csv")) == 2  # untouched
+
+    # --resume continues the run (in this process, to save a start-up): one more epoch.
+    assert train_mod.main([*base_args, "--epochs", "3", "--resume"]) == 0
+    df = pd.read_csv(out / "metrics.csv")
+    assert df["epoch"].tolist() == [1, 2, 3]
+    assert torch.load(out / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+def test_main_diverged_run_exits_1(tmp_path: Path, tiny_config: dict[str, Any],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    sets = [f"{k}={v}" for k, v in tiny_config.items() if k != "data.digits_copies"]
+    sets += ["data.digits_copies=[1,1,1]", "optim.lr=1.0e+30", "pcl.warmup_epochs=5", "epochs=5"]
+    code = train_mod.main([a for s in sets for a in ("--set", s)] + ["--out", str(tmp_path / "run")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: loss is nan" in err and "Traceback" not in err
