@@ -64,6 +64,9 @@ class DataConfig:
     """Decoding processes for file datasets."""
     digits_copies: list[int] = field(default_factory=lambda: [3, 2, 2])
     """digits: scenes rendered per source glyph in train / val / test."""
+    digits_clutter: int = 0
+    """digits: random strokes drawn behind each digit (a per-scene nuisance that augmentation cannot
+    remove: instance discrimination latches onto it, so keep it low)."""
     subset: int | None = None
     """Use only the first N training images (smoke tests)."""
     crop_min_scale: float = 0.2

@@ -81,12 +81,13 @@ def load_datasets(cfg: TrainConfig) -> DatasetSplits:
 
     dc = cfg.data
     key = (dc.dataset, dc.root, dc.image_size, dc.load_size, dc.val_fraction, tuple(dc.digits_copies), cfg.seed,
-           dc.download)
+           dc.download, dc.digits_clutter)
     if key in _DATA_CACHE:
         splits = _DATA_CACHE[key]
     else:
         if dc.dataset == "digits":
-            splits = D.digit_scenes(seed=cfg.seed, size=dc.image_size or 32, copies=tuple(dc.digits_copies))  # type: ignore[arg-type]
+            splits = D.digit_scenes(seed=cfg.seed, size=dc.image_size or 32, copies=tuple(dc.digits_copies),  # type: ignore[arg-type]
+                                    clutter=dc.digits_clutter)
         elif dc.dataset in ("cifar10", "cifar100"):
             splits = D.cifar(dc.root or ".", num_classes=10 if dc.dataset == "cifar10" else 100,
                              download=dc.download, val_fraction=dc.val_fraction, seed=cfg.seed)
