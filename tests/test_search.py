@@ -1,0 +1,212 @@
+"""End-to-end searches on a local Ray (CPU): direct executor, Ray Train executor, resume, a
+two-node cluster joined with ``--address``.
+
+Each test starts the search as a subprocess, exactly as a user would. To make ASHA's decisions
+deterministic, the ASHA tests optimise ``lr`` (reported every epoch, proportional to the searched
+base learning rate) and pin the first trials with ``points_to_evaluate``: a later trial with a
+lower learning rate is below the rung's cutoff and must be stopped at the grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+TINY_FIXED: dict[str, Any] = {
+    "epochs": 4,
+    "progress": False,
+    "data": {"dataset": "digits", "digits_copies": [1, 1, 1], "subset": 128, "num_workers": 0},
+    "model": {"width": 8, "queue_size": 128},
+    "optim": {"batch_size": 32},
+    "pcl": {"warmup_epochs": 1, "cluster_schedule": "4,8", "num_negatives": 16},
+    "clustering": {"nredo": 1, "niter": 5},
+    "eval": {"batch_size": 256},
+}
+
+
+def _space(tmp_path: Path, *, lrs: list[float], num_samples: int, resources: dict[str, Any],
+           epochs: int = 4, metric: str = "lr", name: str = "space.yaml") -> Path:
+    fixed = json.loads(json.dumps(TINY_FIXED))
+    fixed["epochs"] = epochs
+    data = {
+        "name": "t",
+        "fixed": fixed,
+        "search": {"optim.lr": {"choice": lrs}, "pcl.temperature": {"uniform": [0.1, 0.3]}},
+        "objective": {"metric": metric, "mode": "max"},
+        "searcher": {"seed": 0, "startup_trials": 1, "num_samples": num_samples,
+                     "points_to_evaluate": [{"optim.lr": v} for v in lrs]},
+        "asha": {"grace_period": 2, "reduction_factor": 2, "max_t": epochs},
+        "resources": resources,
+    }
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="1", TUNE_MAX_PENDING_TRIALS_PG="1",
+               RAY_memory_monitor_refresh_ms="0")
+    return env
+
+
+def _run_search(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "pcl_tune.search", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+    if proc.returncode != 0:
+        print(proc.stdout[-5000:], proc.stderr[-5000:])
+    return proc
+
+
+def _trials(exp: Path) -> dict[str, pd.DataFrame]:
+    out = {}
+    for d in sorted(exp.glob("trial_*")):
+        f = d / "progress.csv"
+        if f.is_file() and f.stat().st_size > 0:
+            out[d.name] = pd.read_csv(f)
+    return out
+
+
+def test_direct_executor_asha(tmp_path: Path) -> None:
+    space = _space(tmp_path, lrs=[0.08, 0.04, 0.02, 0.01, 0.005, 0.0025], num_samples=6,
+                   resources={"executor": "direct", "cpus_per_trial": 1, "max_concurrent": 1})
+    proc = _run_search(["--space", str(space), "--storage-path", str(tmp_path / "runs"), "--name", "direct",
+                        "--num-cpus", "2", "--no-dashboard", "--no-report"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = tmp_path / "runs" / "direct"
+    trials = _trials(exp)
+    assert len(trials) == 6
+    epochs = {name: int(df["epoch"].max()) for name, df in trials.items()}
+    # Trials after the first have a lower lr than every trial before them: ASHA stops them at 2.
+    assert sorted(epochs.values()) == [2, 2, 2, 2, 2, 4]
+    for df in trials.values():
+        assert {"knn_top1", "loss", "acc_proto", "time_train"} <= set(df.columns)
+        assert list(df["epoch"]) == list(range(1, len(df) + 1))
+    best = yaml.safe_load((exp / "best.yaml").read_text())
+    assert best["optim"]["lr"] == 0.08 and best["epochs"] == 4
+    assert (exp / "trials.csv").is_file() and (exp / "optuna.db").is_file()
+    import optuna
+
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == 6
+    assert "Best lr" in proc.stdout
+
+
+def test_train_executor_two_workers_asha(tmp_path: Path) -> None:
+    space = _space(tmp_path, lrs=[0.08, 0.01], num_samples=2, epochs=3,
+                   resources={"executor": "train", "workers_per_trial": 2, "cpus_per_worker": 1,
+                              "max_concurrent": 1})
+    proc = _run_search(["--space", str(space), "--storage-path", str(tmp_path / "runs"), "--name", "ddp",
+                        "--num-cpus", "4", "--no-report"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = tmp_path / "runs" / "ddp"
+    trials = _trials(exp)
+    assert len(trials) == 2
+    # The second trial (lower lr) is stopped at the grace period; the ASHA stop reached the
+    # TorchTrainer, and the next trial got its workers (no leaked placement group).
+    assert sorted(int(df["epoch"].max()) for df in trials.values()) == [2, 3]
+    assert all(df["knn_top1"].notna().all() for df in trials.values())
+    assert (exp / "train_runs").is_dir()
+
+
+def _wait_for(pred: Any, timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def test_resume_after_driver_is_killed(tmp_path: Path) -> None:
+    space = _space(tmp_path, lrs=[0.08, 0.04, 0.02], num_samples=3, epochs=4,
+                   resources={"executor": "direct", "cpus_per_trial": 1, "max_concurrent": 1})
+    space_data = yaml.safe_load(space.read_text())
+    space_data["asha"] = {"enabled": False}
+    space.write_text(yaml.safe_dump(space_data, sort_keys=False))
+    runs = tmp_path / "runs"
+    exp = runs / "resume"
+    args = [sys.executable, "-m", "pcl_tune.search", "--space", str(space), "--storage-path", str(runs),
+            "--name", "resume", "--num-cpus", "2", "--no-dashboard", "--no-report"]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                              start_new_session=True)
+
+    def one_finished_one_started() -> bool:
+        t = _trials(exp)
+        done = [n for n, df in t.items() if int(df["epoch"].max()) == 4]
+        return len(done) >= 1 and len(t) >= 2
+
+    try:
+        assert _wait_for(one_finished_one_started, 420), "the search did not get going"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
+        driver.wait(timeout=60)
+    time.sleep(3)
+    before = _trials(exp)
+    finished = {n: df for n, df in before.items() if int(df["epoch"].max()) == 4}
+    result_bytes = {n: (exp / n / "result.json").read_bytes() for n in finished}
+    proc = _run_search(["--name", "resume", "--storage-path", str(runs), "--resume", "--num-cpus", "2",
+                        "--no-dashboard", "--no-report"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = _trials(exp)
+    assert len(after) == 3
+    for n in finished:  # a finished trial is not re-run
+        assert (exp / n / "result.json").read_bytes() == result_bytes[n]
+    for df in after.values():
+        assert int(df["epoch"].max()) == 4
+        assert sorted(df["epoch"].unique()) == [1, 2, 3, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path: Path) -> Any:
+    ray = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    env = _env()
+    env["RAY_AUTH_MODE"] = "disabled"
+    head = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", "--node-ip-address=127.0.0.1",
+            f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]
+    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+    worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+              "--disable-usage-stats"]
+    try:
+        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_existing_cluster_runs_trials_on_both_nodes(tmp_path: Path, two_node_cluster: Any) -> None:
+    address, env = two_node_cluster
+    space = _space(tmp_path, lrs=[0.08, 0.04, 0.02, 0.01], num_samples=4, epochs=2,
+                   resources={"executor": "direct", "cpus_per_trial": 2, "max_concurrent": 2})
+    data = yaml.safe_load(space.read_text())
+    data["asha"] = {"enabled": False}
+    space.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "pcl_tune.search", "--space", str(space), "--storage-path",
+                           str(tmp_path / "runs"), "--name", "cluster", "--address", address, "--no-report"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = _trials(tmp_path / "runs" / "cluster")
+    assert len(trials) == 4
+    nodes = {df["node_id"].iloc[-1] for df in trials.values()}
+    assert len(nodes) == 2  # each node holds exactly one 2-CPU trial at a time
