@@ -184,7 +184,7 @@ def two_node_cluster(tmp_path: Path) -> Any:
     env["RAY_AUTH_MODE"] = "disabled"
     head = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", "--node-ip-address=127.0.0.1",
-            f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"]
+            f"--temp-dir=/tmp/pcl_tune_ray_{port}", "--disable-usage-stats"]  # short: unix socket paths
     subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
     worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
               "--disable-usage-stats"]
