@@ -157,7 +157,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
         self.augment = MoCoV2Augment(self.data.image_size, self.data.mean, self.data.std,
-                                     scale=(cfg.data.crop_min_scale, 1.0))
+                                     scale=(self.crop_min_scale(), 1.0))
         # Separate RNG streams: augmentation and negative-prototype draws. Saved in checkpoints.
         self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + self.rank)
         self.neg_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 + self.rank)
@@ -172,6 +172,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.amp = cfg.amp and self.device.type == "cuda"
         self._next_heads: Tensor | None = None
+
+    def crop_min_scale(self) -> float:
+        if self.cfg.data.crop_min_scale is not None:
+            return self.cfg.data.crop_min_scale
+        return 0.5 if self.cfg.data.dataset == "digits" else 0.2
 
     # ---- state
 

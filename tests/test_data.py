@@ -162,9 +162,12 @@ def test_digit_scenes_copies_render_each_glyph_several_times() -> None:
 
 
 def test_raw_pixel_knn_on_val_is_weak(digits: DatasetSplits) -> None:
+    # Position, scale, rotation, brightness and noise keep raw pixels far from the ~99 % that kNN
+    # reaches on centred digits; harder scenes were measured to be unlearnable in CPU minutes
+    # (benchmarks/README.md).
     acc = knn_accuracy(raw_pixel_features(digits.val.images), digits.val.labels,
                        raw_pixel_features(digits.train.images), digits.train.labels, 10)
-    assert 0.0 <= acc < 35.0
+    assert 20.0 <= acc < 70.0
 
 
 def test_raw_pixel_features_are_centred_unit_vectors(digits: DatasetSplits) -> None:
