@@ -238,18 +238,10 @@ def apply_cli(space: SearchSpace, args: argparse.Namespace) -> SearchSpace:
     if args.workers_per_trial is not None:
         r.executor = "train" if args.workers_per_trial > 0 else "direct"
         r.workers_per_trial = max(1, args.workers_per_trial)
-    if args.executor is not None:
-        r.executor = args.executor
-    if args.gpus_per_trial is not None:
-        r.gpus_per_trial = args.gpus_per_trial
-    if args.gpus_per_worker is not None:
-        r.gpus_per_worker = args.gpus_per_worker
-    if args.cpus_per_worker is not None:
-        r.cpus_per_worker = args.cpus_per_worker
-    if args.cpus_per_trial is not None:
-        r.cpus_per_trial = args.cpus_per_trial
-    if args.max_concurrent is not None:
-        r.max_concurrent = args.max_concurrent
+    for name in ("executor", "gpus_per_trial", "gpus_per_worker", "cpus_per_worker", "cpus_per_trial",
+                 "max_concurrent"):
+        if getattr(args, name) is not None:
+            setattr(r, name, getattr(args, name))
     return space
 
 
