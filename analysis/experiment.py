@@ -1,0 +1,313 @@
+""":class:`Experiment`: a loaded experiment folder with its tables and summaries."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import summaries
+from .importance import MIN_TRIALS, Importance, compute_importance
+from .loader import (
+    OPTUNA_DB,
+    AnalysisError,
+    EmptyExperimentError,
+    RawTrial,
+    SpaceInfo,
+    metric_columns,
+    read_experiment,
+)
+
+ANALYSIS_DIR = "analysis"
+"""Sub-folder of the experiment that receives the tables and plots of the report."""
+
+
+@dataclass
+class BestTrial:
+    """The best (trial, epoch) of the search for the objective."""
+
+    trial_id: str
+    value: float
+    epoch: int
+    metric: str
+    mode: str
+    status: str
+    params: dict[str, Any]
+    """The trial's searched parameters (dotted keys), as it ran them."""
+    checkpoint: str | None
+    """The trial's latest checkpoint (Tune keeps one: it may be later than the best epoch)."""
+    trial_dir: str
+
+
+class Experiment:
+    """An experiment folder of ``python -m pcl_tune.search``, loaded.
+
+    Attributes:
+        path: the experiment folder.
+        space: :class:`~analysis.loader.SpaceInfo` (what was searched, objective, ASHA budget).
+        metric, mode: the objective analysed (the search's unless overridden at load time).
+        trials: one row per trial, in start order. Columns: ``trial_id``; ``status`` (finished:
+            ran ``max_t`` epochs / stopped: ended earlier, ASHA stopped it / errored / running: no
+            terminal result yet); ``order`` (0 = started first); one column per searched parameter
+            (dotted name, e.g. ``optim.lr``; NaN where a conditional parameter was not sampled);
+            ``epochs`` (epochs run); ``best_epoch`` (epoch of the best objective);
+            ``best_<metric>`` (the objective: best value over the trial's epochs, NaN if never
+            reported); ``wall_time_s`` (Tune's ``time_total_s``: trial start-up included);
+            ``train_time_s`` (sum of ``time_epoch``); ``start_time`` (unix seconds);
+            ``checkpoint`` (latest checkpoint folder or None); ``error`` (last line of
+            ``error.txt``, None if none); ``trial_dir``; then for every numeric metric M the
+            trial reported: ``last_M`` (last non-NaN value) and ``best_M`` (max, or min for
+            ``loss*`` / ``time*``; not for ``lr`` and ``num_clusters_*``). Accuracies are in %.
+        epochs: one row per trial and epoch, in start order then epoch. Columns ``trial_id``,
+            ``epoch``, then every field of the result: the loop's metrics (``loss``,
+            ``loss_inst``, ``acc_inst`` %, ``loss_proto``, ``acc_proto`` %, ``knn_top1`` %,
+            ``nmi``, ``ami``, ``lr``, ``images_per_s``, ``time_*`` s, per level ``loss_proto_i``,
+            ``acc_proto_i`` %, ``nmi_i``, ``ami_i``, ``num_clusters_i``, ``clusters``, ``node_id``;
+            proto metrics and NMI are NaN in warm-up epochs) and Tune's (``training_iteration``,
+            ``time_this_iter_s``, ``time_total_s``, ``done``, ``date``, ``timestamp``,
+            ``checkpoint_dir_name``, ...).
+        warnings: messages about damaged or partial files (also emitted as AnalysisWarning).
+        complete: whether the search wrote its end-of-search files (``trials.csv``).
+    """
+
+    def __init__(self, path: Path, space: SpaceInfo, raw: list[RawTrial], trials: pd.DataFrame,
+                 epochs: pd.DataFrame, warnings: list[str], complete: bool) -> None:
+        self.path = path
+        self.space = space
+        self.trials = trials
+        self.epochs = epochs
+        self.warnings = warnings
+        self.complete = complete
+        self._raw = {t.trial_id: t for t in raw}
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def metric(self) -> str:
+        return self.space.metric
+
+    @property
+    def mode(self) -> str:
+        return self.space.mode
+
+    @property
+    def objective_col(self) -> str:
+        """Column of :attr:`trials` with each trial's objective (``best_<metric>``)."""
+        return f"best_{self.metric}"
+
+    @property
+    def params(self) -> list[str]:
+        """Searched parameter columns of :attr:`trials`."""
+        return [p for p in self.space.param_names if p in self.trials.columns] + [
+            c for c in self._extra_params() if c not in self.space.param_names]
+
+    def _extra_params(self) -> list[str]:
+        names: list[str] = []
+        for t in self._raw.values():
+            names += [k for k in t.params if k not in names]
+        return names
+
+    def is_numeric(self, param: str) -> bool:
+        """Whether a searched parameter is a numeric range (else categorical)."""
+        spec = self.space.param(param)
+        if spec is not None:
+            return spec.numeric
+        s = self.trials[param].dropna() if param in self.trials.columns else pd.Series(dtype=object)
+        return bool(len(s)) and pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
+
+    @property
+    def metrics(self) -> list[str]:
+        """Numeric metrics reported per epoch."""
+        return metric_columns(self.epochs)
+
+    @property
+    def has_results(self) -> bool:
+        return bool(len(self.epochs))
+
+    def require_results(self) -> None:
+        """Raise :class:`EmptyExperimentError` when no trial reported anything yet."""
+        if not self.has_results:
+            n = len(self.trials)
+            what = f"{n} trial folder(s) but no trial result yet" if n else "no trial folders yet"
+            raise EmptyExperimentError(f"{self.path}: empty experiment: {what} (is the search still starting?)")
+        if not pd.to_numeric(self.epochs[self.metric], errors="coerce").notna().any():
+            raise EmptyExperimentError(f"{self.path}: no trial has reported a value of {self.metric} yet "
+                                       f"({len(self.epochs)} epoch result(s), all NaN: still in warm-up?)")
+
+    def __repr__(self) -> str:
+        return (f"Experiment({str(self.path)!r}, trials={len(self.trials)}, epochs={len(self.epochs)}, "
+                f"metric={self.metric!r}, mode={self.mode!r})")
+
+    # ------------------------------------------------------------------ best
+    def best(self) -> BestTrial:
+        """The best value of the objective over every epoch of every trial (ties: earliest trial)."""
+        self.require_results()
+        ep = self.epochs
+        values = pd.to_numeric(ep[self.metric], errors="coerce")
+        idx = values.idxmax() if self.mode == "max" else values.idxmin()
+        row = ep.loc[idx]
+        tid = str(row["trial_id"])
+        raw = self._raw[tid]
+        status = self.trials.set_index("trial_id").loc[tid, "status"]
+        return BestTrial(trial_id=tid, value=float(values.loc[idx]), epoch=int(row["epoch"]), metric=self.metric,
+                         mode=self.mode, status=str(status), params=dict(raw.params), checkpoint=raw.checkpoint,
+                         trial_dir=str(raw.path))
+
+    def best_config(self) -> dict[str, Any]:
+        """The full (nested) config of the best trial: the space's fixed settings merged with the
+        trial's parameters, as ``pcl_tune.config.merge`` does for the search."""
+        from pcl_tune.config import merge
+
+        return merge(self.space.fixed, self.best().params)
+
+    def best_yaml_path(self) -> Path:
+        """``best.yaml`` for the search's own objective, ``best_<metric>_<mode>.yaml`` otherwise."""
+        raw = self.space.raw
+        if not raw or (raw.get("metric"), raw.get("mode")) == (self.metric, self.mode):
+            return self.path / "best.yaml"
+        return self.path / f"best_{self.metric}_{self.mode}.yaml"
+
+    def write_best_yaml(self, overwrite: bool = False) -> Path:
+        """Write the best config (see :meth:`best_config`) unless the search already wrote it."""
+        import yaml
+
+        path = self.best_yaml_path()
+        if path.is_file() and not overwrite:
+            return path
+        path.write_text(yaml.safe_dump(self.best_config(), sort_keys=False))
+        return path
+
+    def rerun_command(self) -> str:
+        """The command that re-trains the best configuration from scratch."""
+        cfg = self.best_yaml_path()
+        out = self.path / "best_rerun"
+        return f"python -m pcl_tune.train --config {shlex.quote(str(cfg))} --out {shlex.quote(str(out))}"
+
+    # ------------------------------------------------------------------ summaries
+    def leaderboard(self, top: int = 10) -> pd.DataFrame:
+        """Top trials by objective; columns in :func:`analysis.summaries.leaderboard`."""
+        return summaries.leaderboard(self.trials, self.objective_col, self.mode, top, self.params)
+
+    def best_so_far(self) -> pd.DataFrame:
+        """Objective per trial in start order with the running best (:func:`summaries.best_so_far`)."""
+        return summaries.best_so_far(self.trials, self.objective_col, self.mode)
+
+    def effects(self, bins: int = 4) -> pd.DataFrame:
+        """Objective statistics per parameter value (:func:`summaries.effects`)."""
+        return summaries.effects(self.trials, self.params, self.objective_col, bins, self.choice_orders())
+
+    def compute(self) -> pd.DataFrame:
+        """Compute accounting, one row (:func:`summaries.compute_accounting`)."""
+        return summaries.compute_accounting(self.trials, self.space.max_t, self.epochs)
+
+    def comparisons(self, confidence: float = 0.95) -> dict[str, pd.DataFrame]:
+        """Duplicate-handling / prototype-loss tables with t-intervals over seeds
+        (:func:`summaries.loss_comparisons`); empty when neither setting varies."""
+        from pcl_tune.config import flatten, unflatten
+
+        fixed_loss = flatten(unflatten(self.space.fixed)).get(summaries.PROTO_LOSS)
+        return summaries.loss_comparisons(self.trials, self.objective_col, self.mode, confidence,
+                                          self.choice_orders(), fixed_loss=fixed_loss)
+
+    def choice_orders(self) -> dict[str, list[Any]]:
+        """The listed order of each choice parameter's values (tables and plots follow it)."""
+        return {p.name: list(p.choices) for p in self.space.params if p.kind == "choice"}
+
+    @property
+    def replicates(self) -> str:
+        """What the confidence intervals of :meth:`comparisons` run over: ``"seeds"`` or ``"trials"``."""
+        return "seeds" if "seed" in self.params else "trials"
+
+    def importance(self, evaluator: str = "fanova", min_trials: int = MIN_TRIALS, seed: int = 0) -> Importance:
+        """Parameter importance: Optuna's ``evaluator`` on ``optuna.db`` (fANOVA by default) when the
+        study has at least ``min_trials`` completed trials, else the labelled simple fallback."""
+        raw = self.space.raw
+        own_objective = not raw or (raw.get("metric"), raw.get("mode")) == (self.metric, self.mode)
+        return compute_importance(self.trials, {p: self.is_numeric(p) for p in self.params}, self.objective_col,
+                                  db=self.path / OPTUNA_DB, study_name=self.space.name, use_study=own_objective,
+                                  evaluator=evaluator, min_trials=min_trials, seed=seed)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers for side-by-side comparisons (see :func:`analysis.compare`)."""
+        comp = self.compute().iloc[0]
+        try:
+            b = self.best()
+            best_value, best_trial = b.value, b.trial_id
+        except EmptyExperimentError:
+            best_value, best_trial = math.nan, None
+        return {"experiment": self.path.name, "path": str(self.path), "name": self.space.name,
+                "metric": self.metric, "mode": self.mode, "best": best_value, "best_trial": best_trial,
+                "trials": int(comp["trials"]), "finished": int(comp["finished"]), "stopped": int(comp["stopped"]),
+                "errored": int(comp["errored"]), "running": int(comp["running"]), "max_t": comp["max_t"],
+                "epochs_spent": int(comp["epochs_spent"]), "epochs_full_budget": comp["epochs_full_budget"],
+                "saved_fraction": comp["saved_fraction"], "train_time_s": comp["train_time_s"],
+                "complete": self.complete}
+
+    # ------------------------------------------------------------------ saving
+    def save(self, folder: str | Path | None = None) -> list[Path]:
+        """Write ``trials`` and ``epochs`` as CSV and Parquet into ``folder`` (default
+        ``<exp>/analysis/``); returns the paths written."""
+        out = Path(folder) if folder is not None else self.path / ANALYSIS_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, df in (("trials", self.trials), ("epochs", self.epochs)):
+            csv = out / f"{name}.csv"
+            df.to_csv(csv, index=False)
+            pq = out / f"{name}.parquet"
+            _parquet_safe(df).to_parquet(pq, index=False)
+            written += [csv, pq]
+        return written
+
+
+def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """Object columns mixing types (a choice of numbers and strings) become strings for Arrow."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object:
+            kinds = {type(v) for v in out[c].dropna()}
+            if len(kinds) > 1:
+                out[c] = out[c].map(lambda v: v if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return out
+
+
+def load(run_dir: str | Path, *, metric: str | None = None, mode: str | None = None,
+         allow_empty: bool = False) -> Experiment:
+    """Load an experiment folder (``<storage-path>/<name>/`` of ``python -m pcl_tune.search``).
+
+    Args:
+        run_dir: the experiment folder.
+        metric: objective to analyse (default: the search's); ``mode`` defaults to the search's
+            for its own metric, else min for ``loss*``/``time*`` and max otherwise.
+        allow_empty: return an experiment without results instead of raising.
+
+    Raises:
+        AnalysisError: not an experiment folder (no ``space.json`` and no ``trial_*`` folders), or
+            ``metric`` was never reported.
+        EmptyExperimentError: no trial has reported a result yet (unless ``allow_empty``).
+
+    Damaged trial files produce :class:`~analysis.loader.AnalysisWarning` (kept in
+    :attr:`Experiment.warnings`); their partial data are loaded.
+    """
+    path, space, raw, trials, epochs, notes, complete = read_experiment(run_dir, metric, mode)
+    exp = Experiment(path, space, raw, trials, epochs, notes, complete)
+    if not allow_empty:
+        exp.require_results()
+    return exp
+
+
+def compare(experiments: list[Experiment]) -> pd.DataFrame:
+    """Side-by-side headline numbers, one row per experiment.
+
+    Columns: ``experiment`` (folder name), ``path``, ``name`` (space name), ``metric``, ``mode``,
+    ``best`` (best objective over all epochs), ``best_trial``, ``trials``, ``finished``,
+    ``stopped``, ``errored``, ``running``, ``max_t``, ``epochs_spent``, ``epochs_full_budget``,
+    ``saved_fraction``, ``train_time_s``, ``complete``.
+    """
+    return pd.DataFrame([e.summary() for e in experiments])
+
+
+
+__all__ = ["AnalysisError", "BestTrial", "EmptyExperimentError", "Experiment", "compare", "load"]

@@ -1,0 +1,132 @@
+"""Parameter importance: Optuna's evaluators on the persisted study, or a labelled simple fallback.
+
+Optuna's importance (``optuna.importance.get_param_importances``) fits a model of the objective
+on the completed trials of the study in ``optuna.db``. The study's value of a trial is what Ray's
+``OptunaSearch`` told it: the objective at the trial's last epoch (an ASHA-stopped trial is
+recorded with its value at the stop). Optuna assesses only parameters present in every completed
+trial, so conditional parameters drop out of its ranking.
+
+Without a study (grid search), with too few completed trials, or for a metric other than the
+search's objective, :func:`analysis.summaries.simple_importance` is used instead, and the result
+says so.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .summaries import simple_importance
+
+EVALUATORS = ("fanova", "ped_anova", "mdi")
+EVALUATOR_NAMES = {
+    "fanova": "fANOVA (optuna FanovaImportanceEvaluator)",
+    "ped_anova": "PED-ANOVA (optuna PedAnovaImportanceEvaluator)",
+    "mdi": "mean decrease impurity (optuna MeanDecreaseImpurityImportanceEvaluator)",
+}
+SIMPLE_METHOD = "simple: |Spearman rho| (numeric) / eta^2 of group means (categorical), no model"
+MIN_TRIALS = 8
+"""Completed Optuna trials needed before a model-based importance is attempted."""
+
+
+@dataclass
+class Importance:
+    """A parameter-importance ranking and how it was obtained.
+
+    ``table`` columns: ``param``, ``importance`` (the method's score), ``share`` (scores normalised
+    to sum to 1; for Optuna evaluators the same as importance), ``method`` (per row), ``n``
+    (trials the score is based on); sorted by importance, highest first.
+    """
+
+    table: pd.DataFrame
+    method: str
+    """``EVALUATOR_NAMES[...]`` when Optuna's evaluator ran, else :data:`SIMPLE_METHOD`."""
+    evaluator: str | None
+    """``"fanova"`` / ``"ped_anova"`` / ``"mdi"``, or None for the simple fallback."""
+    notes: list[str] = field(default_factory=list)
+    """Why the fallback was used, which parameters Optuna could not assess, ..."""
+
+    @property
+    def fallback(self) -> bool:
+        return self.evaluator is None
+
+    def describe(self) -> str:
+        """One paragraph: method and notes."""
+        return f"Method: {self.method}." + ("" if not self.notes else " " + " ".join(self.notes))
+
+
+def _make_evaluator(name: str, seed: int) -> object:
+    import optuna.importance as oi
+
+    if name == "fanova":
+        return oi.FanovaImportanceEvaluator(seed=seed)
+    if name == "ped_anova":
+        return oi.PedAnovaImportanceEvaluator()
+    if name == "mdi":
+        return oi.MeanDecreaseImpurityImportanceEvaluator(seed=seed)
+    raise ValueError(f"evaluator must be one of {', '.join(EVALUATORS)}, got {name!r}")
+
+
+def optuna_importance(db: Path, study_name: str, evaluator: str = "fanova", min_trials: int = MIN_TRIALS,
+                      seed: int = 0) -> tuple[pd.DataFrame | None, list[str]]:
+    """Optuna's importance on the study in ``db``; (None, reasons) when it cannot be computed."""
+    if evaluator not in EVALUATORS:
+        raise ValueError(f"evaluator must be one of {', '.join(EVALUATORS)}, got {evaluator!r}")
+    if not db.is_file():
+        return None, [f"No Optuna study ({db.name} missing: a grid search, or the study was not persisted)."]
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = f"sqlite:///{db}"
+        names = optuna.study.get_all_study_names(storage=storage)
+        if study_name not in names:
+            if len(names) != 1:
+                return None, [f"{db.name} holds no study named {study_name!r} (found {names})."]
+            study_name = names[0]
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(done) < max(2, min_trials):
+            return None, [f"Only {len(done)} completed Optuna trial(s) (< {max(2, min_trials)}): too few to fit "
+                          f"{EVALUATOR_NAMES[evaluator].split(' (')[0]}."]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = optuna.importance.get_param_importances(study, evaluator=_make_evaluator(evaluator, seed))
+    except Exception as e:  # a locked / damaged database, an evaluator failure: use the fallback
+        return None, [f"Optuna importance failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})."]
+    every = set.intersection(*(set(t.params) for t in done)) if done else set()
+    seen = set().union(*(set(t.params) for t in done)) if done else set()
+    notes = []
+    skipped = sorted(seen - every)
+    if skipped:
+        notes.append(f"Not assessed by Optuna (not sampled in every trial: conditional): {', '.join(skipped)}.")
+    notes.append(f"Based on {len(done)} completed Optuna trials of study {study_name!r}; a trial's value is its "
+                 "objective at its last epoch.")
+    table = pd.DataFrame({"param": list(scores), "importance": [float(v) for v in scores.values()]})
+    total = table["importance"].sum()
+    table["share"] = table["importance"] / total if total > 0 else math.nan
+    table["method"] = evaluator
+    table["n"] = len(done)
+    return table.sort_values("importance", ascending=False, kind="stable").reset_index(drop=True), notes
+
+
+def compute_importance(trials: pd.DataFrame, params: dict[str, bool], objective_col: str, *, db: Path | None,
+                       study_name: str, use_study: bool, evaluator: str = "fanova",
+                       min_trials: int = MIN_TRIALS, seed: int = 0) -> Importance:
+    """Optuna's importance when possible (``use_study`` false skips it), else the simple fallback."""
+    notes: list[str] = []
+    if use_study and db is not None:
+        table, notes = optuna_importance(db, study_name, evaluator, min_trials, seed)
+        if table is not None:
+            return Importance(table, EVALUATOR_NAMES[evaluator], evaluator, notes)
+    elif not use_study:
+        notes = ["The Optuna study optimised the search's own objective, not this metric."]
+    table = simple_importance(trials, params, objective_col)
+    n = int(trials[objective_col].notna().sum()) if objective_col in trials.columns else 0
+    notes = notes + [f"Fallback over {n} trial(s) using each trial's best objective; scores of the two kinds "
+                     "are not comparable with each other, and few trials make them noisy."]
+    return Importance(table, SIMPLE_METHOD, None, notes)

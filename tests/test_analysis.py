@@ -1,0 +1,576 @@
+"""The analysis package: tables, summaries, report and CLI of ``python -m analysis``.
+
+Two kinds of experiment folders are used:
+
+* ``search_exp`` (session fixture, marked slow): ONE tiny real search (``python -m pcl_tune.search
+  --smoke --num-samples 4``, about a minute on 2 cores). Tests that damage it work on copies.
+* hand-made folders in the layout the search writes (no Ray): a loss-ablation grid with known
+  values, so confidence intervals and comparison tables can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+import analysis
+from analysis import summaries
+from analysis.__main__ import main as cli_main
+from analysis.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+slow = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="1",
+               TUNE_MAX_PENDING_TRIALS_PG="1", RAY_memory_monitor_refresh_ms="0", MPLBACKEND="Agg")
+    return env
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, timeout=300,
+                          env=_env(), cwd=cwd)
+
+
+def _load_quiet(path: Path, **kw: Any) -> analysis.Experiment:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", analysis.AnalysisWarning)
+        return analysis.load(path, **kw)
+
+
+def _records(trial_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+def _set_state(exp: Path, trial_id: str, status: str) -> None:
+    """Rewrite a trial's status in Tune's experiment state, as Tune would have saved it."""
+    for f in exp.glob("experiment_state-*.json"):
+        data = json.loads(f.read_text())
+        for entry in data["trial_data"]:
+            meta = json.loads(entry[0])
+            if meta["trial_id"] == trial_id:
+                meta["status"] = status
+                entry[0] = json.dumps(meta)
+        f.write_text(json.dumps(data))
+
+
+# --------------------------------------------------------------------------- the real search
+
+@pytest.fixture(scope="session")
+def search_exp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny real search (4 trials, 3 epochs, ASHA grace 2), run once per session."""
+    root = tmp_path_factory.mktemp("analysis_search")
+    cmd = [sys.executable, "-m", "pcl_tune.search", "--space", str(ROOT / "search_spaces" / "demo.yaml"), "--smoke",
+           "--num-samples", "4", "--num-cpus", "4", "--no-dashboard", "--no-report", "--storage-path",
+           str(root / "runs"), "--name", "demo_smoke"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(), cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exp = root / "runs" / "demo_smoke"
+    assert (exp / "space.json").is_file() and len(list(exp.glob("trial_*"))) == 4
+    return exp
+
+
+@pytest.fixture
+def exp_copy(search_exp: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "demo_copy"
+    shutil.copytree(search_exp, dst)
+    return dst
+
+
+@slow
+def test_tables_of_a_real_search(search_exp: Path, tmp_path: Path) -> None:
+    exp = analysis.load(search_exp)
+    space = json.loads((search_exp / "space.json").read_text())
+    trial_dirs = sorted(search_exp.glob("trial_*"))
+    t, ep = exp.trials, exp.epochs
+    assert len(t) == len(trial_dirs) == 4
+    assert set(t["trial_id"]) == {d.name.removeprefix("trial_") for d in trial_dirs}
+    # Every epoch of every trial, one row each.
+    per_trial = {d.name.removeprefix("trial_"): len(_records(d)) for d in trial_dirs}
+    assert len(ep) == int(t["epochs"].sum()) == sum(per_trial.values())
+    assert dict(zip(t["trial_id"], t["epochs"])) == per_trial
+    assert list(ep.columns[:2]) == ["trial_id", "epoch"]
+    assert {"knn_top1", "loss", "acc_proto", "acc_proto_0", "loss_proto_1", "time_epoch", "done"} <= set(ep.columns)
+    # Searched parameters are columns; a finished search has no running trials.
+    for p in space["params"]:
+        assert p["name"] in t.columns
+    params = json.loads((trial_dirs[0] / "params.json").read_text())
+    row = t.set_index("trial_id").loc[trial_dirs[0].name.removeprefix("trial_")]
+    assert all(row[k] == v for k, v in params.items())
+    max_t = space["max_t"]
+    assert set(t["status"]) <= {"finished", "stopped"}
+    assert ((t["status"] == "stopped") == (t["epochs"] < max_t)).all()
+    # last_ / best_ of every metric agree with the per-epoch table.
+    for _, r in t.iterrows():
+        e = ep[ep["trial_id"] == r["trial_id"]]
+        assert r["best_knn_top1"] == pytest.approx(e["knn_top1"].max())
+        assert r["last_knn_top1"] == pytest.approx(e["knn_top1"].dropna().iloc[-1])
+        assert r["best_loss"] == pytest.approx(e["loss"].min())
+        assert r["epochs"] == e["epoch"].max()
+        assert Path(r["checkpoint"]).is_dir() and r["error"] is None
+        assert r["wall_time_s"] > 0
+    # best() is the max of the objective over every epoch of every trial.
+    best = exp.best()
+    assert best.value == pytest.approx(ep["knn_top1"].max())
+    assert ep.loc[(ep["trial_id"] == best.trial_id) & (ep["epoch"] == best.epoch), "knn_top1"].iloc[0] == best.value
+    # The search's best.yaml and ours agree.
+    assert exp.best_config() == yaml.safe_load((search_exp / "best.yaml").read_text())
+    # CSV and Parquet round trips.
+    written = exp.save(tmp_path / "tables")
+    assert {p.name for p in written} == {"trials.csv", "trials.parquet", "epochs.csv", "epochs.parquet"}
+    assert pd.read_parquet(tmp_path / "tables" / "epochs.parquet").shape == ep.shape
+    assert pd.read_csv(tmp_path / "tables" / "trials.csv").shape == t.shape
+    back = pd.read_parquet(tmp_path / "tables" / "trials.parquet")
+    assert list(back["trial_id"]) == list(t["trial_id"])
+
+
+@slow
+def test_summaries_of_a_real_search(search_exp: Path) -> None:
+    exp = analysis.load(search_exp)
+    t = exp.trials
+    lb = exp.leaderboard(top=3)
+    assert len(lb) == 3 and list(lb["rank"]) == [1, 2, 3]
+    assert lb["best_knn_top1"].is_monotonic_decreasing
+    assert lb["best_knn_top1"].iloc[0] == pytest.approx(exp.best().value)
+    hist = exp.best_so_far()
+    assert hist["best_so_far"].iloc[-1] == pytest.approx(exp.best().value)
+    assert hist["best_so_far"].is_monotonic_increasing
+    # Compute accounting: spent = sum of the epochs run; full budget = trials x max_t.
+    c = exp.compute().iloc[0]
+    max_t = json.loads((search_exp / "space.json").read_text())["max_t"]
+    assert c["epochs_spent"] == t["epochs"].sum() == len(exp.epochs)
+    assert c["epochs_full_budget"] == 4 * max_t
+    assert c["epochs_saved"] == 4 * max_t - c["epochs_spent"]
+    assert c["saved_fraction"] == pytest.approx(1 - c["epochs_spent"] / (4 * max_t))
+    assert c["finished"] + c["stopped"] == 4
+    # Effects: every parameter, counts per parameter add up to the trials that set it.
+    eff = exp.effects()
+    for p in exp.params:
+        rows = eff[eff["param"] == p]
+        assert rows["count"].sum() == t[exp.objective_col].notna().sum()
+    # Importance: 4 trials are too few for the default -> a labelled fallback; fANOVA on request.
+    simple = exp.importance()
+    assert simple.fallback and "Spearman" in simple.method and "too few" in simple.describe()
+    assert set(simple.table["param"]) == set(exp.params)
+    fan = exp.importance(min_trials=2)
+    assert fan.evaluator == "fanova" and "fANOVA" in fan.method
+    assert fan.table["importance"].sum() == pytest.approx(1.0)
+    assert set(fan.table["param"]) <= set(exp.params)
+
+
+@slow
+def test_report_of_a_real_search(exp_copy: Path) -> None:
+    (exp_copy / "best.yaml").unlink()  # e.g. a search that has not finished: the report writes it
+    path = write_report(exp_copy)
+    assert path == exp_copy / "report.html"
+    page = path.read_text()
+    md = (exp_copy / "report.md").read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "<img" in page
+    assert "src='analysis/" not in page  # self-contained
+    cmd = f"python -m pcl_tune.train --config {exp_copy / 'best.yaml'} --out {exp_copy / 'best_rerun'}"
+    assert cmd in md and cmd in page
+    for png in ("objective_vs_epoch", "best_so_far", "importance", "param_effects", "proto_levels"):
+        assert (exp_copy / "analysis" / f"{png}.png").stat().st_size > 5000
+        assert f"(analysis/{png}.png)" in md
+    best = yaml.safe_load((exp_copy / "best.yaml").read_text())
+    exp = analysis.load(exp_copy)
+    assert best["epochs"] == 3 and best["data"]["subset"] == 256  # fixed settings kept
+    for k, v in exp.best().params.items():
+        section, key = k.split(".")
+        assert best[section][key] == v
+    assert "Leaderboard" in md and "Compute accounting" in md and "Parameter importance" in md
+    assert f"{exp.best().value:.4g}" in md
+
+
+@slow
+def test_cli_on_real_searches(search_exp: Path, exp_copy: Path, tmp_path: Path) -> None:
+    proc = _cli(str(exp_copy), "--top", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "leaderboard (top 2)" in proc.stdout and "python -m pcl_tune.train --config" in proc.stdout
+    assert (exp_copy / "report.html").is_file() and (exp_copy / "report.md").is_file()
+    # Two experiments side by side (the real search and a hand-made grid), written to --out.
+    assert cli_main([str(search_exp), str(exp_copy), "--no-report"]) == 0
+    grid = make_grid_experiment(tmp_path)
+    out = tmp_path / "cmp"
+    proc = _cli(str(exp_copy), str(grid), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(out / "comparison.csv")
+    exp = analysis.load(exp_copy)
+    assert list(table["trials"]) == [4, 36]
+    assert list(table["epochs_spent"]) == [exp.trials["epochs"].sum(), 144]
+    assert table["best"].iloc[0] == pytest.approx(exp.best().value) and table["best"].iloc[1] == pytest.approx(61.0)
+    assert "experiments side by side" in proc.stdout
+    assert (out / "comparison.md").is_file() and (out / "comparison.html").is_file()
+    assert (grid / "report.html").is_file()
+
+
+@slow
+def test_damaged_trials_are_loaded_with_warnings(exp_copy: Path) -> None:
+    original = _load_quiet(exp_copy)
+    dirs = sorted(exp_copy.glob("trial_*"))
+    a, b, c, d = dirs
+    # a: the last result line was being written when the search died; progress.csv has it.
+    text = (a / "result.json").read_text()
+    (a / "result.json").write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    # b: the same, and its progress.csv is gone: one epoch is lost.
+    text = (b / "result.json").read_text()
+    (b / "result.json").write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    (b / "progress.csv").unlink()
+    # c: params.json missing.
+    (c / "params.json").unlink()
+    # d: the trial raised.
+    (d / "error.txt").write_text("Failure # 1 (occurred at 2026-01-01)\nTraceback ...\n"
+                                 "pcl_tune.train.TrainingDiverged: loss is NaN at epoch 2, batch 3\n")
+    _set_state(exp_copy, d.name.removeprefix("trial_"), "ERROR")
+    with pytest.warns(analysis.AnalysisWarning) as record:
+        exp = analysis.load(exp_copy)
+    messages = [str(w.message) for w in record if issubclass(w.category, analysis.AnalysisWarning)]
+    assert any(str(a / "result.json") in m and "truncated" in m for m in messages)
+    assert any(str(b / "result.json") in m and "truncated" in m for m in messages)
+    assert any(str(c / "params.json") in m and "recovered" in m for m in messages)
+    assert exp.warnings == messages
+    t = exp.trials.set_index("trial_id")
+    o = original.trials.set_index("trial_id")
+    ida, idb, idc, idd = (x.name.removeprefix("trial_") for x in (a, b, c, d))
+    assert len(t) == 4
+    assert t.loc[ida, "epochs"] == o.loc[ida, "epochs"]
+    assert t.loc[idb, "epochs"] == o.loc[idb, "epochs"] - 1
+    assert len(exp.epochs) == len(original.epochs) - 1 == t["epochs"].sum()
+    for p in exp.params:  # recovered from the 'config' of c's results
+        assert t.loc[idc, p] == o.loc[idc, p] or (pd.isna(t.loc[idc, p]) and pd.isna(o.loc[idc, p]))
+    assert t.loc[idd, "status"] == "errored"
+    assert t.loc[idd, "error"] == "pcl_tune.train.TrainingDiverged: loss is NaN at epoch 2, batch 3"
+    assert t.loc[idd, "epochs"] == o.loc[idd, "epochs"]  # its partial data stay
+    with pytest.warns(analysis.AnalysisWarning):
+        path = write_report(exp_copy)
+    page = path.read_text()
+    assert "Data problems" in page and "TrainingDiverged" in page and "errored" in page
+    proc = _cli(str(exp_copy), "--no-report", cwd=exp_copy.parent)
+    assert proc.returncode == 0
+    assert proc.stderr.count("warning: ") >= 3 and "Traceback" not in proc.stderr
+
+
+@slow
+def test_running_search(exp_copy: Path) -> None:
+    """A search still running: no trials.csv / best.yaml, a trial whose last result is not terminal."""
+    (exp_copy / "trials.csv").unlink()
+    (exp_copy / "best.yaml").unlink()
+    trial = sorted(exp_copy.glob("trial_*"))[0]
+    tid = trial.name.removeprefix("trial_")
+    recs = _records(trial)[:1]
+    recs[0]["done"] = False
+    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (trial / "progress.csv").unlink()
+    _set_state(exp_copy, tid, "RUNNING")
+    exp = analysis.load(exp_copy)
+    assert not exp.complete
+    assert exp.trials.set_index("trial_id").loc[tid, "status"] == "running"
+    assert exp.compute().iloc[0]["running"] == 1
+    page = write_report(exp_copy).read_text()
+    assert (exp_copy / "best.yaml").is_file() and "still running" in page
+    assert "written by the analysis" in page
+
+
+@slow
+def test_experiment_without_trial_folders(exp_copy: Path, tmp_path: Path) -> None:
+    for d in exp_copy.glob("trial_*"):
+        shutil.rmtree(d)
+    with pytest.raises(analysis.EmptyExperimentError, match="empty experiment"):
+        analysis.load(exp_copy)
+    exp = analysis.load(exp_copy, allow_empty=True)
+    assert len(exp.trials) == 0 and len(exp.epochs) == 0
+    with pytest.raises(analysis.EmptyExperimentError):
+        write_report(exp_copy)
+    proc = _cli(str(exp_copy), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "empty experiment" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+
+
+# --------------------------------------------------------------------------- hand-made experiments (no Ray)
+
+SCHEDULES = ["3,6", "5,10"]
+LOSSES = ["proto_nce", "topk"]
+DUPS = ["dedupe", "remap", "none"]
+SEEDS = [0, 1, 2]
+DUP_EFFECT = {"dedupe": 2.0, "remap": 1.0, "none": 0.0}
+SEED_EFFECT = {0: -1.0, 1: 0.0, 2: 1.0}
+
+
+def _knn(schedule: str, loss: str, dup: str, seed: int, epoch: int) -> float:
+    """Known objective: top-K ignores the duplicate handling, as in the real loss."""
+    base = 50.0 + (5.0 if schedule == "5,10" else 0.0)
+    effect = 3.0 if loss == "topk" else DUP_EFFECT[dup]
+    return base + effect + SEED_EFFECT[seed] + 0.5 * epoch
+
+
+def make_grid_experiment(root: Path, epochs: int = 4) -> Path:
+    """A loss-ablation grid folder as pcl_tune.search writes it (no optuna.db: grid search)."""
+    exp = root / "ablation"
+    exp.mkdir(parents=True)
+    params = [{"name": n, "kind": "choice", "low": None, "high": None, "choices": c, "log": False, "step": None,
+               "when": []} for n, c in (("pcl.cluster_schedule", SCHEDULES), ("pcl.proto_loss", LOSSES),
+                                        ("pcl.duplicates", DUPS), ("seed", SEEDS))]
+    (exp / "space.json").write_text(json.dumps({
+        "name": "ablation", "metric": "knn_top1", "mode": "max",
+        "fixed": {"epochs": epochs, "data": {"dataset": "digits"}, "pcl": {"warmup_epochs": 1, "k": 2}},
+        "params": params, "num_samples": 1, "grace_period": 1, "reduction_factor": 3, "max_t": epochs,
+        "executor": "direct", "workers_per_trial": 1, "smoke": False,
+        "command": "python -m pcl_tune.search --space ablation.yaml", "started": "2026-01-01 00:00:00"}))
+    (exp / "search_space.yaml").write_text(yaml.safe_dump({"name": "ablation", "searcher": {"algorithm": "grid"},
+                                                          "asha": {"enabled": False}}))
+    i = 0
+    for s in SCHEDULES:
+        for loss in LOSSES:
+            for dup in DUPS:
+                for seed in SEEDS:
+                    cfg = {"pcl.cluster_schedule": s, "pcl.proto_loss": loss, "pcl.duplicates": dup, "seed": seed}
+                    tid = f"g{i:07d}"
+                    d = exp / f"trial_{tid}"
+                    d.mkdir()
+                    (d / "params.json").write_text(json.dumps(cfg))
+                    lines = []
+                    for e in range(1, epochs + 1):
+                        warm = e <= 1
+                        lines.append(json.dumps({
+                            "epoch": e, "loss": 5.0 - 0.1 * e, "knn_top1": _knn(s, loss, dup, seed, e),
+                            "acc_proto": math.nan if warm else 20.0 + e, "acc_proto_0": math.nan if warm else 30.0 + e,
+                            "acc_proto_1": math.nan if warm else 10.0 + e, "loss_proto_0": math.nan if warm else 2.0,
+                            "loss_proto_1": math.nan if warm else 3.0, "time_epoch": 1.0, "lr": 0.06,
+                            "clusters": "" if warm else s, "done": e == epochs, "training_iteration": e,
+                            "trial_id": tid, "time_total_s": 5.0 + e, "timestamp": 1_800_000_000 + 10 * i + e,
+                            "config": cfg}))
+                    (d / "result.json").write_text("\n".join(lines) + "\n")
+                    i += 1
+    (exp / "trials.csv").write_text("trial_id\n")
+    return exp
+
+
+def test_loss_comparison_tables(tmp_path: Path) -> None:
+    exp = analysis.load(make_grid_experiment(tmp_path))
+    assert len(exp.trials) == 36 and len(exp.epochs) == 36 * 4
+    assert set(exp.trials["status"]) == {"finished"}
+    best = exp.best()
+    assert best.value == pytest.approx(exp.epochs["knn_top1"].max()) == pytest.approx(50 + 5 + 3 + 1 + 2)
+    comps = exp.comparisons()
+    assert set(comps) == {"duplicates", "proto_loss"}
+    half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} * sd 1 / sqrt(3 seeds)
+    dup = comps["duplicates"]
+    # Only ProtoNCE trials use the duplicate handling; the listed order is kept.
+    assert len(dup) == 2 * 3 and list(dup["pcl.duplicates"][:3]) == DUPS
+    r = dup[(dup["pcl.cluster_schedule"] == "5,10") & (dup["pcl.duplicates"] == "remap")].iloc[0]
+    assert r["n"] == 3 and r["n_trials"] == 3
+    assert r["mean"] == pytest.approx(55 + 1 + 2) and r["std"] == pytest.approx(1.0)
+    assert r["ci_half"] == pytest.approx(half) and r["ci_low"] == pytest.approx(58 - half)
+    loss = comps["proto_loss"]
+    variants = list(loss[loss["pcl.cluster_schedule"] == "3,6"]["loss_variant"])
+    assert variants == ["proto_nce / dedupe", "proto_nce / remap", "proto_nce / none", "topk"]
+    r = loss[(loss["pcl.cluster_schedule"] == "3,6") & (loss["loss_variant"] == "topk")].iloc[0]
+    # 9 top-K trials, but 3 seeds: the duplicate setting does not narrow the interval.
+    assert r["n"] == 3 and r["n_trials"] == 9 and r["ci_half"] == pytest.approx(half)
+    imp = exp.importance()
+    assert imp.fallback and any("No Optuna study" in n for n in imp.notes)
+    assert imp.table.iloc[0]["param"] == "pcl.cluster_schedule"
+    c = exp.compute().iloc[0]
+    assert c["epochs_spent"] == c["epochs_full_budget"] == 144 and c["saved_fraction"] == 0
+    page = write_report(exp.path).read_text()
+    assert "ProtoNCE duplicate handling" in page and "ProtoNCE vs top-K" in page
+    assert "58.00 ± 2.48 (n=3)" in page
+    assert (exp.path / "analysis" / "compare_duplicates.png").is_file()
+    assert (exp.path / "analysis" / "compare_proto_loss.png").is_file()
+
+
+def test_status_of_stopped_and_running_trials(tmp_path: Path) -> None:
+    path = make_grid_experiment(tmp_path)
+    (path / "trials.csv").unlink()
+    dirs = sorted(path.glob("trial_*"))
+    # ASHA stopped dirs[0] after 2 epochs (its last result is terminal); dirs[1] is mid-run.
+    for d, keep, done in ((dirs[0], 2, True), (dirs[1], 3, False)):
+        recs = _records(d)[:keep]
+        recs[-1]["done"] = done
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    # dirs[2] and dirs[3] failed after 2 epochs. Tune's last snapshot says RUNNING for both: dirs[2]
+    # was restarted after that failure (snapshot newer than error.txt), for dirs[3] the snapshot is
+    # older than the failure (stale).
+    state = []
+    for d in dirs[2:4]:
+        recs = _records(d)[:2]
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "error.txt").write_text("Traceback ...\nRuntimeError: worker died\n")
+        meta = {"trial_id": d.name.removeprefix("trial_"), "status": "RUNNING", "config": {}}
+        state.append([json.dumps(meta), json.dumps({"start_time": "1800000000.0", "num_failures": 1})])
+    snap = path / "experiment_state-2026-01-01_00-00-00.json"
+    snap.write_text(json.dumps({"trial_data": state}))
+    os.utime(dirs[2] / "error.txt", (1_000, 1_000))
+    os.utime(snap, (2_000, 2_000))
+    os.utime(dirs[3] / "error.txt", (3_000, 3_000))
+    exp = analysis.load(path)
+    st = exp.trials.set_index("trial_id")["status"]
+    assert st[dirs[0].name.removeprefix("trial_")] == "stopped"
+    assert st[dirs[1].name.removeprefix("trial_")] == "running"
+    assert st[dirs[2].name.removeprefix("trial_")] == "running"
+    assert st[dirs[3].name.removeprefix("trial_")] == "errored"
+    assert exp.trials.set_index("trial_id").loc[dirs[2].name.removeprefix("trial_"), "error"] == \
+        "RuntimeError: worker died"
+    assert (st == "finished").sum() == 32 and not exp.complete
+    c = exp.compute().iloc[0]
+    assert c["epochs_spent"] == 32 * 4 + 2 + 3 + 2 + 2 == len(exp.epochs)
+    assert c["epochs_saved"] == 7 and c["saved_fraction"] == pytest.approx(7 / 144)
+    assert (c["finished"], c["stopped"], c["errored"], c["running"]) == (32, 1, 1, 2)
+
+
+def test_missing_space_json_is_inferred(tmp_path: Path) -> None:
+    path = make_grid_experiment(tmp_path)
+    (path / "space.json").unlink()
+    with pytest.warns(analysis.AnalysisWarning, match="space.json: missing"):
+        exp = analysis.load(path)
+    assert exp.space.inferred and exp.space.max_t == 4 and exp.metric == "knn_top1"
+    assert set(exp.params) == {"pcl.cluster_schedule", "pcl.proto_loss", "pcl.duplicates", "seed"}
+    assert len(exp.trials) == 36
+
+
+def test_other_metric_and_mode(tmp_path: Path) -> None:
+    exp = analysis.load(make_grid_experiment(tmp_path), metric="loss")
+    assert exp.mode == "min" and exp.objective_col == "best_loss"
+    assert exp.best().value == pytest.approx(exp.epochs["loss"].min())
+    assert exp.best_yaml_path().name == "best_loss_min.yaml"
+    with pytest.raises(analysis.AnalysisError, match="never reported"):
+        analysis.load(exp.path, metric="no_such_metric")
+    assert analysis.load(exp.path, metric="acc_proto").best().value == pytest.approx(24.0)
+    # Warm-up only: the prototype accuracy is NaN in every result.
+    warm = make_grid_experiment(tmp_path / "warm", epochs=1)
+    with pytest.raises(analysis.EmptyExperimentError, match="all NaN"):
+        analysis.load(warm, metric="acc_proto")
+    assert cli_main([str(warm), "--metric", "acc_proto"]) == 2
+
+
+def test_not_an_experiment(tmp_path: Path) -> None:
+    folder = tmp_path / "not_an_exp"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    with pytest.raises(analysis.AnalysisError, match="not a pcl_tune experiment"):
+        analysis.load(folder)
+    proc = _cli(str(folder), cwd=tmp_path)
+    assert proc.returncode == 2 and not proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not a pcl_tune experiment" in lines[0]
+    assert cli_main([str(tmp_path / "missing")]) == 2
+
+
+def test_experiment_without_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_grid_experiment(tmp_path)
+    for d in path.glob("trial_*"):
+        (d / "result.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", analysis.AnalysisWarning)
+        assert cli_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "no trial result yet" in err[-1]
+
+
+# --------------------------------------------------------------------------- pure pandas helpers
+
+def test_mean_ci() -> None:
+    ci = summaries.mean_ci([1.0, 2.0, 3.0, float("nan")])
+    assert ci["n"] == 3 and ci["mean"] == 2.0 and ci["std"] == pytest.approx(1.0)
+    assert ci["ci_half"] == pytest.approx(4.302652729911275 / math.sqrt(3))
+    assert ci["ci_low"] == pytest.approx(2 - ci["ci_half"]) and ci["ci_high"] == pytest.approx(2 + ci["ci_half"])
+    one = summaries.mean_ci([5.0])
+    assert one["n"] == 1 and one["mean"] == 5.0 and math.isnan(one["ci_half"]) and math.isnan(one["ci_low"])
+    assert summaries.mean_ci([])["n"] == 0
+    assert summaries.mean_ci([1.0, 3.0], confidence=0.9)["ci_half"] == pytest.approx(6.313751514675043 * 1.0)
+
+
+def test_ci_table_and_pivot() -> None:
+    df = pd.DataFrame({
+        "loss": ["a", "a", "a", "a", "b", "b", "c"],
+        "dup": ["x", "y", "x", "y", "x", "x", "x"],
+        "seed": [0, 0, 1, 1, 0, 1, 0],
+        "obj": [10.0, 12.0, 14.0, 16.0, 1.0, 3.0, 7.0],
+    })
+    t = summaries.ci_table(df, ["loss"], "obj", replicate="seed", orders={"loss": ["c", "b", "a"]})
+    assert list(t["loss"]) == ["c", "b", "a"]
+    a = t[t["loss"] == "a"].iloc[0]
+    # Seed means 11 and 15: n = 2 seeds out of 4 rows.
+    assert a["n"] == 2 and a["n_trials"] == 4 and a["mean"] == 13.0 and a["best"] == 16.0
+    assert a["ci_half"] == pytest.approx(12.706204736174698 * math.sqrt(8) / math.sqrt(2))
+    assert math.isnan(t[t["loss"] == "c"].iloc[0]["ci_half"])
+    no_rep = summaries.ci_table(df, ["loss"], "obj")
+    assert no_rep[no_rep["loss"] == "a"].iloc[0]["n"] == 4
+    assert summaries.ci_table(df, ["loss"], "obj", mode="min").set_index("loss").loc["a", "best"] == 10.0
+    wide = summaries.ci_pivot(summaries.ci_table(df, ["loss", "dup"], "obj", replicate="seed"), "loss", "dup")
+    assert wide.loc["a", "x"] == "12.00 ± 25.41 (n=2)" and wide.loc["c", "x"] == "7.00 (n=1)"
+    assert wide.loc["c", "y"] == ""
+
+
+def test_binning_and_effects() -> None:
+    df = pd.DataFrame({"lr": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, None],
+                       "loss": ["topk", "proto_nce"] * 4 + [None],
+                       "k": [1, 2, 1, 2, 1, 2, 1, 2, 1],
+                       "obj": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]})
+    bins = summaries.bin_values(df["lr"], bins=4)
+    assert list(bins.value_counts(sort=False)) == [2, 2, 2, 2, 1]
+    assert list(bins.cat.categories) == ["[0.01, 0.02]", "[0.03, 0.04]", "[0.05, 0.06]", "[0.07, 0.08]",
+                                         summaries.NOT_SET]
+    ints = summaries.bin_values(pd.Series(range(1, 11)), bins=3)
+    assert list(ints.cat.categories) == ["[1, 4]", "[5, 7]", "[8, 10]"]
+    eff = summaries.effects(df, ["lr", "loss", "k"], "obj", bins=4, orders={"loss": ["proto_nce", "topk"]})
+    lr = eff[eff["param"] == "lr"]
+    assert list(lr["count"]) == [2, 2, 2, 2, 1] and list(lr["mean"]) == [1.5, 3.5, 5.5, 7.5, 9.0]
+    loss = eff[eff["param"] == "loss"]
+    assert list(loss["value"]) == ["proto_nce", "topk", summaries.NOT_SET]
+    assert list(loss["max"]) == [8.0, 7.0, 9.0]
+    k = eff[eff["param"] == "k"]
+    assert list(k["value"]) == ["1", "2"] and list(k["count"]) == [5, 4]
+    assert eff.groupby("param")["count"].sum().eq(9).all()
+
+
+def test_leaderboard_history_and_compute() -> None:
+    trials = pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d"], "status": ["finished", "stopped", "finished", "running"],
+        "order": [0, 1, 2, 3], "obj": [5.0, 7.0, float("nan"), 6.0], "best_epoch": [4, 2, float("nan"), 1],
+        "epochs": [4, 2, 4, 1], "train_time_s": [4.0, 2.0, 4.0, 1.0], "wall_time_s": [5.0, 3.0, 5.0, 2.0],
+        "start_time": [0.0, 1.0, 2.0, 3.0], "p": [1, 2, 3, 4]})
+    lb = summaries.leaderboard(trials, "obj", "max", top=3, params=["p"])
+    assert list(lb["trial_id"]) == ["b", "d", "a"] and list(lb["best_so_far"]) == [7.0, 7.0, 5.0]
+    assert list(summaries.leaderboard(trials, "obj", "min", top=2)["trial_id"]) == ["a", "d"]
+    h = summaries.best_so_far(trials, "obj", "max")
+    assert list(h["best_so_far"]) == [5.0, 7.0, 7.0, 7.0] and list(h["new_best"]) == [True, True, False, False]
+    hmin = summaries.best_so_far(trials, "obj", "min")
+    assert list(hmin["best_so_far"]) == [5.0, 5.0, 5.0, 5.0]
+    c = summaries.compute_accounting(trials, max_t=4).iloc[0]
+    assert c["epochs_spent"] == 11 and c["epochs_full_budget"] == 16 and c["epochs_saved"] == 5
+    assert c["saved_fraction"] == pytest.approx(5 / 16)
+    assert (c["finished"], c["stopped"], c["errored"], c["running"]) == (2, 1, 0, 1)
+    assert c["time_per_epoch_s"] == pytest.approx(1.0) and c["full_budget_time_s"] == pytest.approx(16.0)
+
+
+def test_simple_importance() -> None:
+    df = pd.DataFrame({"x": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "noise": [3.0, 1.0, 6.0, 2.0, 5.0, 4.0],
+                       "cat": ["a", "a", "a", "b", "b", "b"], "const": ["z"] * 6,
+                       "cond": [1.0, None, 2.0, None, 3.0, None],
+                       "obj": [1.0, 2.0, 3.0, 10.0, 11.0, 12.0]})
+    imp = summaries.simple_importance(df, {"x": True, "noise": True, "cat": False, "const": False, "cond": True},
+                                      "obj")
+    s = imp.set_index("param")
+    assert s.loc["x", "importance"] == pytest.approx(1.0) and s.loc["x", "method"] == "|spearman|"
+    assert s.loc["cat", "importance"] == pytest.approx(1 - 4.0 / (4.0 + 6 * 20.25), rel=1e-6)
+    assert s.loc["cat", "method"] == "eta^2" and math.isnan(s.loc["const", "importance"])
+    assert s.loc["cond", "n"] == 3 and s.loc["cond", "importance"] == pytest.approx(1.0)
+    assert s["share"].sum() == pytest.approx(1.0)
+    assert imp.iloc[-1]["param"] == "const"  # NaN last
