@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume:
         shutil.copyfile(space_file, exp_dir / SPACE_COPY)
         (exp_dir / SPACE_JSON).write_text(json.dumps({
-            "name": space.name, "metric": space.metric, "mode": space.mode, "fixed": space.fixed,
+            "name": space.name, "description": space.description, "metric": space.metric, "mode": space.mode,
+            "algorithm": space.algorithm, "asha": space.asha, "fixed": space.fixed,
             "params": [asdict(p) for p in space.params], "num_samples": space.num_samples,
             "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
             "max_t": space.max_t or space.base_config().epochs, "executor": plan.executor,
