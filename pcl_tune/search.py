@@ -465,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
               "leaks its placement group and later trials wait forever (Ray 2.60)", file=sys.stderr)
         want_dashboard = True
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Keeping one checkpoint per trial forces an experiment snapshot at every report; that is the
+    # intended trade-off (resume loses at most one epoch), so Tune's warning about it is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
     _init_ray(args, want_dashboard)
     res = ray.cluster_resources()
