@@ -288,18 +288,35 @@ def _init_ray(args: argparse.Namespace, want_dashboard: bool) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": want_dashboard, "log_to_driver": True}
     if want_dashboard:
-        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port)
+        port = args.dashboard_port
+        if not _port_free(port):
+            # Another Ray (another search, a test) holds the port: take a free one rather than fail.
+            port = _port_free(0, pick=True)
+            print(f"[pcl_tune] port {args.dashboard_port} is taken; the dashboard uses {port}", file=sys.stderr)
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
     if args.num_cpus is not None:
         kwargs["num_cpus"] = args.num_cpus
     if args.num_gpus is not None:
         kwargs["num_gpus"] = args.num_gpus
     ctx = ray.init(**kwargs)
     if want_dashboard:
-        url = getattr(ctx, "dashboard_url", None) or f"127.0.0.1:{args.dashboard_port}"
+        url = getattr(ctx, "dashboard_url", None) or f"127.0.0.1:{kwargs['dashboard_port']}"
         token_note = ("the dashboard asks for Ray's auth token: print it with `ray get-auth-token` "
                       "(stored in ~/.ray/auth_token)") if os.environ.get("RAY_AUTH_MODE", "token") != "disabled" \
             else "token auth disabled (RAY_AUTH_MODE=disabled)"
         print(f"[pcl_tune] Ray dashboard: http://{url}  ({token_note})", flush=True)
+
+
+def _port_free(port: int, *, pick: bool = False) -> Any:
+    """Whether ``port`` on 127.0.0.1 can be bound; with ``pick``, a free port number."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return int(sock.getsockname()[1]) if pick else True
 
 
 def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: int, restore: bool) -> Any:

@@ -178,6 +178,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 def two_node_cluster(tmp_path: Path) -> Any:
+    """A head and a worker node on this machine. Teardown is `ray stop --force`, which stops every
+    Ray process on the machine: do not run this test beside a search of your own."""
     ray = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     env = _env()
