@@ -278,7 +278,7 @@ class Trainer:
         levels: list[ClusterLevel] = []
         if dist_utils.is_main():
             levels = cluster(features.float().cpu(), counts, temperature=self.cfg.pcl.proto_temperature,
-                             seed=self.cfg.seed + epoch * 0, niter=c.niter, nredo=c.nredo,
+                             seed=self.cfg.seed, niter=c.niter, nredo=c.nredo,
                              max_points_per_centroid=c.max_points_per_centroid,
                              min_points_per_centroid=c.min_points_per_centroid, backend=c.backend)
         out = []
@@ -288,8 +288,7 @@ class Trainer:
             cen = dist_utils.broadcast_tensor(lv.centroids.to(self.device) if lv else None, device=self.device)
             phi = dist_utils.broadcast_tensor(lv.concentration.to(self.device) if lv else None, device=self.device)
             obj = lv.objective if lv else math.nan
-            out.append(ClusterLevel(a.to(self.device), cen.to(self.device), phi.to(self.device), obj,
-                                    lv.backend if lv else ""))
+            out.append(ClusterLevel(a, cen, phi, obj, lv.backend if lv else ""))
         return EpochClusters(out, counts)
 
     def train_epoch(self, epoch: int, clusters: EpochClusters | None) -> dict[str, float]:
@@ -319,7 +318,7 @@ class Trainer:
             if clusters is not None:
                 index = index.to(self.device)
                 levels = [LevelBatch(lv.centroids, lv.assignment[index], lv.concentration) for lv in clusters.levels]
-            loss, parts = pcl_loss(q, k, self.model.queue.clone(), levels, temperature=cfg.pcl.temperature,
+            loss, parts = pcl_loss(q, k, self.model.queue, levels, temperature=cfg.pcl.temperature,
                                    config=self.proto_cfg, proto_weight=cfg.pcl.proto_weight, generator=self.neg_gen)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
