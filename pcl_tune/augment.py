@@ -64,6 +64,7 @@ class MoCoV2Augment:
         scale, ratio: random-resized-crop area fraction and aspect-ratio ranges.
         jitter: brightness, contrast, saturation, hue strengths; ``jitter_p`` their probability.
         gray_p, blur_p, flip_p: probabilities; ``blur_p`` < 0 means "0.5 if size >= 64 else 0".
+        rotation: largest random rotation of the crop, in radians (0: none, as MoCo v2).
     """
 
     size: int
@@ -76,6 +77,7 @@ class MoCoV2Augment:
     gray_p: float = 0.2
     blur_p: float = -1.0
     flip_p: float = 0.5
+    rotation: float = 0.0
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, 3, H, W) uint8 -> (B, 3, size, size) float, normalised."""
@@ -98,8 +100,13 @@ class MoCoV2Augment:
         cx = _u(b, -1, 1, g) * (1 - w)
         cy = _u(b, -1, 1, g) * (1 - h)
         flip = torch.where(torch.rand(b, generator=g) < self.flip_p, -1.0, 1.0)
-        zero = torch.zeros(b)
-        theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+        if self.rotation > 0:  # output -> input: scale/flip after rotating by a in [-rotation, rotation]
+            a = _u(b, -self.rotation, self.rotation, g)
+            cos, sin = torch.cos(a), torch.sin(a)
+        else:
+            cos, sin = torch.ones(b), torch.zeros(b)
+        theta = torch.stack([torch.stack([w * flip * cos, -w * flip * sin, cx], 1),
+                             torch.stack([h * sin, h * cos, cy], 1)], 1)
         grid = F.affine_grid(theta.to(x.device, x.dtype), [b, 3, self.size, self.size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

@@ -86,7 +86,7 @@ def load_datasets(cfg: TrainConfig) -> DatasetSplits:
         splits = _DATA_CACHE[key]
     else:
         if dc.dataset == "digits":
-            splits = D.digit_scenes(seed=cfg.seed, size=dc.image_size or 32, copies=tuple(dc.digits_copies),  # type: ignore[arg-type]
+            splits = D.digit_scenes(seed=cfg.seed, size=dc.image_size or 16, copies=tuple(dc.digits_copies),  # type: ignore[arg-type]
                                     clutter=dc.digits_clutter)
         elif dc.dataset in ("cifar10", "cifar100"):
             splits = D.cifar(dc.root or ".", num_classes=10 if dc.dataset == "cifar10" else 100,
@@ -157,7 +157,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
         self.augment = MoCoV2Augment(self.data.image_size, self.data.mean, self.data.std,
-                                     scale=(self.crop_min_scale(), 1.0))
+                                     scale=(self.crop_min_scale(), 1.0), flip_p=self.flip_p(),
+                                     rotation=self.cfg.data.rotation)
         # Separate RNG streams: augmentation and negative-prototype draws. Saved in checkpoints.
         self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + self.rank)
         self.neg_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 + self.rank)
@@ -172,6 +173,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.amp = cfg.amp and self.device.type == "cuda"
         self._next_heads: Tensor | None = None
+
+    def flip_p(self) -> float:
+        if self.cfg.data.flip_p is not None:
+            return self.cfg.data.flip_p
+        return 0.0 if self.cfg.data.dataset == "digits" else 0.5
 
     def crop_min_scale(self) -> float:
         if self.cfg.data.crop_min_scale is not None:
@@ -395,8 +401,11 @@ class Trainer:
             t = time.perf_counter()
             need_heads = cfg.pcl.warmup_epochs <= epoch + 1 < cfg.epochs
             self._next_heads, train_bank = self.embed(self.data.train, head=need_heads, backbone=True)
-            t_feat += time.perf_counter() - t
-            t = time.perf_counter()
+            # The pass serves the kNN bank and, after warm-up, the next epoch's clustering: count it
+            # as feature extraction whenever clustering will use it, as evaluation otherwise.
+            if need_heads:
+                t_feat += time.perf_counter() - t
+                t = time.perf_counter()
             assert train_bank is not None
             metrics.update(self.evaluate(train_bank, clusters))
             t_eval = time.perf_counter() - t

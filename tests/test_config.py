@@ -42,8 +42,8 @@ def test_empty_config_is_the_defaults() -> None:
     cfg = config_from_dict({})
     assert cfg == TrainConfig()
     assert config_from_dict(None) == TrainConfig()
-    assert cfg.flat()["optim.lr"] == 0.06
-    assert cfg.flat()["pcl.cluster_schedule"] == "10,20,40"
+    assert cfg.flat()["optim.lr"] == 0.01
+    assert cfg.flat()["pcl.cluster_schedule"] == "5,10"
 
 
 def test_nested_and_dotted_keys_mixed() -> None:
@@ -63,7 +63,7 @@ def test_nested_and_dotted_keys_mixed() -> None:
     assert cfg.data.digits_copies == [1, 2, 3]
     assert cfg.model.head == "linear"
     # Untouched settings keep their defaults, also inside touched sections.
-    assert cfg.optim.momentum == 0.9 and cfg.pcl.temperature == 0.2 and cfg.model.low_dim == 128
+    assert cfg.optim.momentum == 0.9 and cfg.pcl.temperature == 0.07 and cfg.model.low_dim == 128
 
 
 @pytest.mark.parametrize("order", ["dotted_first", "nested_first"])
@@ -225,7 +225,7 @@ def test_load_config_file_search_space_uses_only_fixed(tmp_path: Path) -> None:
     cfg = config_from_dict(data)
     assert (cfg.epochs, cfg.optim.batch_size, cfg.pcl.k) == (4, 32, 5)
     # Searched parameters keep their defaults.
-    assert cfg.optim.lr == 0.06 and cfg.pcl.temperature == 0.2
+    assert cfg.optim.lr == 0.01 and cfg.pcl.temperature == 0.07
 
 
 def test_load_config_file_search_only_gives_no_settings(tmp_path: Path) -> None:

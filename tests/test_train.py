@@ -18,9 +18,16 @@ import pytest
 import torch
 
 import pcl_tune.train as train_mod
-from pcl_tune.config import config_from_dict
+from pcl_tune.config import ConfigError, config_from_dict
 from pcl_tune.model import Encoder, MoCo, build_backbone, build_head
-from pcl_tune.train import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainingDiverged, format_epoch_line, train_loop
+from pcl_tune.train import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    Trainer,
+    TrainingDiverged,
+    format_epoch_line,
+    train_loop,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_threads")
 
@@ -203,7 +210,7 @@ def test_proto_metrics_nan_in_warmup_finite_after(straight_run: Run) -> None:
         assert row["loss"] == pytest.approx(row["loss_inst"] + row["loss_proto"], rel=1e-5)
         assert row["loss_proto"] == pytest.approx((row["loss_proto_0"] + row["loss_proto_1"]) / 2, rel=1e-5)
     # Cosine schedule over 3 epochs.
-    assert df["lr"].tolist() == pytest.approx([0.06 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
+    assert df["lr"].tolist() == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
 
 
 def test_callback_once_per_epoch_with_checkpoint(straight_run: Run) -> None:
@@ -291,7 +298,7 @@ def test_nan_loss_from_the_loss_function(tiny_config: dict[str, Any], monkeypatc
         return (loss * math.nan if calls["n"] == 3 else loss), parts
 
     monkeypatch.setattr(train_mod, "pcl_loss", nan_after_two)
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, batch 3 \(lr 0\.06\)"):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, batch 3 \(lr 0\.01\)"):
         train_loop({**tiny_config, "epochs": 2}, verbose=False)
 
 
@@ -352,3 +359,17 @@ def test_main_diverged_run_exits_1(tmp_path: Path, tiny_config: dict[str, Any],
     assert code == 1
     err = capsys.readouterr().err
     assert "error: loss is nan" in err and "Traceback" not in err
+
+
+def test_augmentation_defaults_follow_the_dataset() -> None:
+    base = {"device": "cpu", "threads": 1, "progress": False, "data.subset": 64, "model.width": 8}
+    digits = Trainer(config_from_dict(base)).augment
+    # Digits are not mirror-symmetric: no flips by default; crops keep at least half the scene.
+    assert digits.flip_p == 0.0 and digits.scale == (0.5, 1.0) and digits.rotation == 0.0 and digits.size == 16
+    custom = Trainer(config_from_dict({**base, "data.flip_p": 0.5, "data.rotation": 0.3,
+                                       "data.crop_min_scale": 0.2})).augment
+    assert custom.flip_p == 0.5 and custom.rotation == 0.3 and custom.scale == (0.2, 1.0)
+    with pytest.raises(ConfigError, match="data.flip_p"):
+        config_from_dict({**base, "data.flip_p": 1.5})
+    with pytest.raises(ConfigError, match="data.rotation"):
+        config_from_dict({**base, "data.rotation": -0.1})
