@@ -3,14 +3,16 @@
 Runs ``search_spaces/demo.yaml`` twice with the same TPE seed: as shipped (ASHA on), and with
 ASHA off (every trial runs all epochs). For each: epochs spent, best objective, wall time, and the
 epochs spent (in the order results arrived) until a trial first came within 1 point of the best
-objective seen in either run. The first run's wall time is the demo's wall time on this machine.
+objective seen in any run. ``--reuse`` adds the searches of earlier runs (their per-epoch CSV) and
+skips re-running those, e.g. to try another reduction factor against the same full-budget search.
 
-    python benchmarks/search_efficiency.py [--num-cpus 2]
+    python benchmarks/search_efficiency.py [--num-cpus 2] [--reduction-factor 4] [--reuse results/x.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import tempfile
@@ -46,8 +48,13 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--space", default=str(ROOT / "search_spaces" / "demo.yaml"))
     ap.add_argument("--epochs", type=int, help="shrink: epochs (and ASHA max_t) of every trial")
-    ap.add_argument("--grace", type=int, help="shrink: ASHA grace period")
+    ap.add_argument("--grace", type=int, help="ASHA grace period (default: the space's)")
+    ap.add_argument("--reduction-factor", type=int, help="ASHA reduction factor (default: the space's)")
     ap.add_argument("--warmup", type=int, help="shrink: pcl.warmup_epochs")
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="CSV",
+                    help="per-epoch tables of earlier runs of this script (search_efficiency_epochs.csv): their "
+                         "searches are shown again and not re-run when the label matches (the full-budget search "
+                         "does not depend on the ASHA settings)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     spec = yaml.safe_load(Path(args.space).read_text())
@@ -56,38 +63,71 @@ def main() -> None:
         spec["asha"]["max_t"] = args.epochs
     if args.grace:
         spec["asha"]["grace_period"] = args.grace
+    if args.reduction_factor:
+        spec["asha"]["reduction_factor"] = args.reduction_factor
     if args.warmup is not None:
         spec["fixed"].setdefault("pcl", {})["warmup_epochs"] = args.warmup
     metric = spec["objective"]["metric"]
-    results = {}
+    epochs = spec["fixed"]["epochs"]
+    asha = spec["asha"]
+    asha_label = f"TPE + ASHA (grace {asha['grace_period']}, reduction {asha['reduction_factor']})"
+    full_label = "TPE, full budget"
+    results: dict[str, tuple[float, pd.DataFrame]] = {}
+    for csv in args.reuse:
+        old = pd.read_csv(csv)
+        for label, df in old.groupby("search", sort=False):
+            results[str(label)] = (float(df["wall_s"].iloc[0]), df.drop(columns=["search", "wall_s"]))
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        asha_space = t / "asha.yaml"
-        asha_space.write_text(yaml.safe_dump(spec, sort_keys=False))
         full = dict(spec)
         full["asha"] = {"enabled": False}
-        full_space = t / "full.yaml"
-        full_space.write_text(yaml.safe_dump(full, sort_keys=False))
-        for label, path in (("TPE + ASHA", asha_space), ("TPE, full budget", full_space)):
-            results[label] = run(path, t / "runs", label.split()[-1].lower().replace(",", ""), args.num_cpus)
+        for label, sp, name in ((asha_label, spec, "asha"), (full_label, full, "budget")):
+            if label in results:
+                print(f"reusing {label!r} from {args.reuse}")
+                continue
+            path = t / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(sp, sort_keys=False))
+            wall, df = run(path, t / "runs", name, args.num_cpus)
+            results[label] = (wall, df[["trial", "training_iteration", metric, "timestamp"]])
+    if full_label not in results:
+        raise SystemExit("no full-budget search to compare with")
     best_overall = max(df[metric].max() for _, df in results.values())
-    lines = [f"# Search efficiency: {Path(args.space).name} ({spec['fixed']['epochs']} epochs, ASHA grace "
-             f"{spec['asha']['grace_period']}, reduction {spec['asha']['reduction_factor']}), objective {metric} (max), "
-             f"{args.num_cpus} CPUs", "",
-             f"best {metric} over both runs: {best_overall:.2f}", "",
-             "| search | trials | epochs spent | best | wall s | epochs until within 1 point of the overall best |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"# Search efficiency: {Path(args.space).name}, {epochs} epochs per trial, objective {metric} (max), "
+             f"{args.num_cpus} CPUs, TPE seed {spec['searcher'].get('seed')}", "",
+             f"best {metric} over all searches: {best_overall:.2f}", "",
+             "| search | trials | stopped early | epochs spent | share of full budget | best | wall s | "
+             "epochs until within 1 point of the overall best |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    until: dict[str, float] = {}
+    full_epochs = len(results[full_label][1])
+    full_best = results[full_label][1][metric].max()
+    frames = []
     for label, (wall, df) in results.items():
-        ordered = df.sort_values("timestamp").reset_index(drop=True)
+        ordered = df.sort_values(["timestamp", "trial", "training_iteration"]).reset_index(drop=True)
         hit = ordered.index[ordered[metric] >= best_overall - 1.0]
-        until = str(int(hit[0]) + 1) if len(hit) else "never"
-        lines.append(f"| {label} | {df['trial'].nunique()} | {len(df)} | {df[metric].max():.2f} | {wall:.0f} | {until} |")
-    (_, a), (_, f) = results.values()
-    lines += ["", f"ASHA spent {len(a) / len(f):.2f} of the full-budget compute (epochs)."]
+        until[label] = float(hit[0] + 1) if len(hit) else math.inf
+        last = df.groupby("trial")["training_iteration"].max()
+        stopped = int((last < epochs).sum())
+        shown = "never" if math.isinf(until[label]) else str(int(until[label]))
+        lines.append(f"| {label} | {df['trial'].nunique()} | {stopped} | {len(df)} | {len(df) / full_epochs:.2f} | "
+                     f"{df[metric].max():.2f} | {wall:.0f} | {shown} |")
+        frames.append(df.assign(search=label, wall_s=wall))
+    lines.append("")
+    for label, (_, df) in results.items():
+        if label == full_label:
+            continue
+        gap = full_best - df[metric].max()
+        lines.append(f"* {label}: **{len(df) / full_epochs:.2f}** of the full-budget compute ({len(df)} of "
+                     f"{full_epochs} epochs); its best is {gap:.2f} points below the full-budget best "
+                     f"({'within' if gap <= 1.0 else 'NOT within'} 1 point). It first came within 1 point of the "
+                     f"overall best after {until[label]:.0f} epochs ({until[label] / full_epochs:.2f} of the full "
+                     f"budget; the full-budget search needed {until[full_label]:.0f}).")
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "search_efficiency.md").write_text(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search_efficiency.md").write_text(text)
+    pd.concat(frames, ignore_index=True).to_csv(out / "search_efficiency_epochs.csv", index=False)
 
 
 if __name__ == "__main__":

@@ -266,6 +266,8 @@ def describe_space(space: SearchSpace) -> str:
     else:
         lines.append(f"  searcher: Optuna TPE seed {space.seed}, {space.startup_trials} random start-up trials, "
                      f"{space.num_samples} trials")
+        for point in space.points_to_evaluate:
+            lines.append("    evaluated first: " + ", ".join(f"{k}={v}" for k, v in point.items()))
     max_t = space.max_t or space.base_config().epochs
     if space.asha:
         lines.append(f"  ASHA on the epoch: grace {space.grace_period}, reduction factor {space.reduction_factor}, "

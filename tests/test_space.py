@@ -67,6 +67,19 @@ def test_shipped_spaces_load() -> None:
     assert ref.points_to_evaluate[0]["pcl.cluster_schedule"] == "25000,50000,100000"
 
 
+def test_demo_starts_from_the_defaults() -> None:
+    # The demo's first trial is the default config: it sets ASHA's first rungs with a good run.
+    from pcl_tune.config import TrainConfig
+
+    demo = load_space(ROOT / "search_spaces" / "demo.yaml")
+    defaults = TrainConfig().flat()
+    first = demo.points_to_evaluate[0]
+    assert set(first) == {p.name for p in demo.params if not p.when}
+    for key, value in first.items():
+        assert defaults[key] == value, key
+    assert demo.base_config().pcl.warmup_epochs < demo.grace_period
+
+
 def test_valid_space_parses(tmp_path: Path) -> None:
     space = load_space(write(tmp_path, BASE))
     assert [p.name for p in space.params] == ["optim.lr", "pcl.cluster_schedule", "pcl.proto_loss", "pcl.k"]
@@ -154,6 +167,7 @@ def test_cli_dry_run_prints_plan(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "2 DDP worker(s)" in proc.stdout and "at most 2 concurrent" in proc.stdout
+    assert "evaluated first: pcl.cluster_schedule=5,10, pcl.proto_loss=proto_nce" in proc.stdout
 
 
 def test_plan_never_oversubscribes(tmp_path: Path) -> None:
