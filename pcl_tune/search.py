@@ -82,7 +82,7 @@ def direct_trial(params: dict[str, Any], *, fixed: dict[str, Any], threads: int)
             checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
             tune.report({**_clean(metrics), "node_id": node}, checkpoint=checkpoint)
 
-        train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
+        train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False, replay_last=True)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -103,7 +103,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
             ray.train.report({**_clean(metrics), "node_id": node}, checkpoint=checkpoint)
 
-        train_loop(loop_config["config"], out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
+        train_loop(loop_config["config"], out_dir=work / "run", callback=report, resume_from=resume, verbose=False,
+                   replay_last=True)
 
 
 def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, cpus_per_worker: float,

@@ -464,6 +464,7 @@ def train_loop(
     resume_from: str | os.PathLike[str] | None = None,
     max_epochs: int | None = None,
     verbose: bool = True,
+    replay_last: bool = False,
 ) -> list[dict[str, Any]]:
     """Run (or continue) one pretraining run; returns the per-epoch metrics.
 
@@ -476,6 +477,11 @@ def train_loop(
         max_epochs: stop after this many epochs in this call (the schedule still spans
             ``config.epochs``); used to test exact resumption.
         verbose: print one line per epoch (rank 0).
+        replay_last: after resuming, first call ``callback`` again with the restored epoch's
+            metrics (and no checkpoint). A search sets it: a driver killed between a trial's
+            report and the write of its log loses that epoch's row, and Tune then restores the
+            trial from the checkpoint of that very epoch. The row may appear twice; readers keep
+            the last of each epoch.
     """
     cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
     trainer = Trainer(cfg, out_dir)
@@ -484,6 +490,8 @@ def train_loop(
     if verbose and dist_utils.is_main():
         print(f"[pcl_tune] {trainer.data.summary()}; device {trainer.device}; world size {trainer.world}; "
               f"cluster schedule {trainer.schedule.spec()}", flush=True)
+    if replay_last and resume_from is not None and trainer.history and callback is not None:
+        callback(trainer.start_epoch - 1, dict(trainer.history[-1]), None)
     end = cfg.epochs if max_epochs is None else min(cfg.epochs, trainer.start_epoch + max_epochs)
     for epoch in range(trainer.start_epoch, end):
         metrics = trainer.run_epoch(epoch)

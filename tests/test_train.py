@@ -246,6 +246,13 @@ def test_exact_resume_matches_straight_run(straight_run: Run, tmp_path: Path) ->
     # Resuming a finished run trains nothing more.
     done = train_loop(cfg, out_dir=tmp_path, verbose=False, resume_from=tmp_path / CHECKPOINT_DIR)
     assert len(done) == 3 and all(_differences(a, b) == {} for a, b in zip(done, resumed))
+    # A search replays the restored epoch first, so a row its driver lost is logged again; on a
+    # finished run that is the only call.
+    replayed: list[tuple[int, dict[str, Any], Any]] = []
+    train_loop(cfg, out_dir=tmp_path, verbose=False, resume_from=tmp_path / CHECKPOINT_DIR, replay_last=True,
+               callback=lambda e, m, c: replayed.append((e, m, c)))
+    assert [(e, c) for e, _, c in replayed] == [(2, None)]
+    assert _differences(replayed[0][1], resumed[2]) == {}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
