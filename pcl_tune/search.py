@@ -326,7 +326,8 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from .searcher import ResumableOptunaSearch
 
     fixed = dict(space.fixed)
     if plan.executor == "direct":
@@ -348,9 +349,9 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_DB}")
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
-        searcher = OptunaSearch(space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
-                                storage=storage, study_name=space.name,
-                                points_to_evaluate=space.points_to_evaluate or None)
+        searcher = ResumableOptunaSearch(space.define_by_run(), metric=space.metric, mode=space.mode,
+                                         sampler=sampler, storage=storage, study_name=space.name,
+                                         points_to_evaluate=space.points_to_evaluate or None)
     max_t = space.max_t or space.base_config().epochs
     scheduler = None
     if space.asha:

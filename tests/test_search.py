@@ -212,3 +212,33 @@ def test_existing_cluster_runs_trials_on_both_nodes(tmp_path: Path, two_node_clu
     assert len(trials) == 4
     nodes = {df["node_id"].iloc[-1] for df in trials.values()}
     assert len(nodes) == 2  # each node holds exactly one 2-CPU trial at a time
+
+
+def test_searcher_skips_results_of_trials_optuna_already_finished(tmp_path: Path) -> None:
+    # The state a driver killed between Optuna's commit and Tune's snapshot leaves behind: Optuna's
+    # study has the trial finished, the restored searcher still treats it as running.
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pcl_tune.searcher import ResumableOptunaSearch
+
+    def space(trial: Any) -> None:
+        trial.suggest_float("optim.lr", 0.01, 0.1, log=True)
+
+    def finished_but_running(cls: type) -> Any:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / cls.__name__}.db")
+        s = cls(space, metric="knn_top1", mode="max", storage=storage, study_name="s",
+                sampler=optuna.samplers.RandomSampler(seed=0))
+        assert s.suggest("t1") is not None
+        s.on_trial_result("t1", {"knn_top1": 10.0, "training_iteration": 1})
+        s.on_trial_complete("t1", {"knn_top1": 12.0, "training_iteration": 2})
+        s._completed_trials.discard("t1")  # the older snapshot Tune restores
+        return s
+
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        finished_but_running(OptunaSearch).on_trial_result("t1", {"knn_top1": 13.0, "training_iteration": 3})
+    searcher = finished_but_running(ResumableOptunaSearch)
+    searcher.on_trial_result("t1", {"knn_top1": 13.0, "training_iteration": 3})  # logged, not raised
+    trial = searcher._ot_study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 12.0
+    assert trial.intermediate_values == {1: 10.0}
