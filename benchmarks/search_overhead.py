@@ -37,6 +37,9 @@ def main() -> None:
     args = ap.parse_args()
     demo = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
     fixed = {**demo["fixed"], "epochs": args.epochs, "threads": 1, "progress": False}
+    from pcl_tune.config import config_from_dict
+
+    lr = config_from_dict(fixed).optim.lr  # the searched "parameter": one choice, the config's own lr
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -47,7 +50,7 @@ def main() -> None:
         for executor, res in (("direct", {"executor": "direct", "cpus_per_trial": 1}),
                               ("train", {"executor": "train", "workers_per_trial": 1, "cpus_per_worker": 1})):
             space = {"name": f"overhead_{executor}", "fixed": fixed,
-                     "search": {"optim.lr": {"choice": [fixed["optim"]["lr"]]}},
+                     "search": {"optim.lr": {"choice": [lr]}},
                      "searcher": {"num_samples": 1, "startup_trials": 1}, "asha": {"enabled": False},
                      "resources": res}
             (t / f"{executor}.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
