@@ -157,14 +157,18 @@ def test_resume_after_driver_is_killed(tmp_path: Path) -> None:
     time.sleep(3)
     before = _trials(exp)
     finished = {n: df for n, df in before.items() if int(df["epoch"].max()) == 4}
-    result_bytes = {n: (exp / n / "result.json").read_bytes() for n in finished}
     proc = _run_search(["--name", "resume", "--storage-path", str(runs), "--resume", "--num-cpus", "2",
                         "--no-dashboard", "--no-report"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = _trials(exp)
     assert len(after) == 3
-    for n in finished:  # a finished trial is not re-run
-        assert (exp / n / "result.json").read_bytes() == result_bytes[n]
+    # A finished trial is not trained again. (If the driver died before Tune's state recorded it
+    # as finished, Tune restores it from its last checkpoint and the loop replays that epoch's
+    # row - identical metrics, wall times included - instead of training.)
+    ours = ["epoch", "loss", "loss_inst", "knn_top1", "time_epoch", "time_train"]
+    for n, df in finished.items():
+        again = after[n].drop_duplicates("epoch", keep="last").reset_index(drop=True)
+        pd.testing.assert_frame_equal(again[ours], df[ours].reset_index(drop=True))
     for df in after.values():
         assert int(df["epoch"].max()) == 4
         assert sorted(df["epoch"].unique()) == [1, 2, 3, 4]
