@@ -56,6 +56,12 @@ EPOCH_METRICS: tuple[str, ...] = (
     "images_per_s", "time_features", "time_clustering", "time_train", "time_eval", "time_epoch",
 )
 LEVEL_METRICS: tuple[str, ...] = ("loss_proto", "acc_proto", "nmi", "ami", "num_clusters")
+# Augmentation settings a config leaves unset (None) take MoCo v2's values, or the dataset's own
+# where MoCo v2's were measured to hurt it (digits: crops that cut the digit, mirrored digits).
+AUGMENT_DEFAULTS: dict[str, dict[str, float]] = {
+    "moco_v2": {"crop_min_scale": 0.2, "flip_p": 0.5},
+    "digits": {"crop_min_scale": 0.5, "flip_p": 0.0},
+}
 
 
 def reported_metrics(num_levels: int) -> set[str]:
@@ -86,7 +92,7 @@ def load_datasets(cfg: TrainConfig) -> DatasetSplits:
         splits = _DATA_CACHE[key]
     else:
         if dc.dataset == "digits":
-            splits = D.digit_scenes(seed=cfg.seed, size=dc.image_size or 16, copies=tuple(dc.digits_copies),  # type: ignore[arg-type]
+            splits = D.digit_scenes(seed=cfg.seed, size=dc.image_size or D.DIGITS_SIZE, copies=tuple(dc.digits_copies),  # type: ignore[arg-type]
                                     clutter=dc.digits_clutter)
         elif dc.dataset in ("cifar10", "cifar100"):
             splits = D.cifar(dc.root or ".", num_classes=10 if dc.dataset == "cifar10" else 100,
@@ -157,7 +163,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
         self.augment = MoCoV2Augment(self.data.image_size, self.data.mean, self.data.std,
-                                     scale=(self.crop_min_scale(), 1.0), flip_p=self.flip_p(),
+                                     scale=(self.augment_setting("crop_min_scale"), 1.0),
+                                     flip_p=self.augment_setting("flip_p"),
                                      rotation=self.cfg.data.rotation)
         # Separate RNG streams: augmentation and negative-prototype draws. Saved in checkpoints.
         self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + self.rank)
@@ -174,15 +181,12 @@ class Trainer:
         self.amp = cfg.amp and self.device.type == "cuda"
         self._next_heads: Tensor | None = None
 
-    def flip_p(self) -> float:
-        if self.cfg.data.flip_p is not None:
-            return self.cfg.data.flip_p
-        return 0.0 if self.cfg.data.dataset == "digits" else 0.5
-
-    def crop_min_scale(self) -> float:
-        if self.cfg.data.crop_min_scale is not None:
-            return self.cfg.data.crop_min_scale
-        return 0.5 if self.cfg.data.dataset == "digits" else 0.2
+    def augment_setting(self, name: str) -> float:
+        """A ``data.<name>`` augmentation setting; when unset, the dataset's default or MoCo v2's."""
+        value = getattr(self.cfg.data, name)
+        if value is not None:
+            return float(value)
+        return AUGMENT_DEFAULTS.get(self.cfg.data.dataset, {}).get(name, AUGMENT_DEFAULTS["moco_v2"][name])
 
     # ---- state
 
