@@ -424,7 +424,12 @@ class Trainer:
             metrics.setdefault(key, math.nan)
         metrics.update(time_features=t_feat, time_clustering=t_clu, time_train=t_train, time_eval=t_eval,
                        time_epoch=time.perf_counter() - t_start)
-        return metrics
+        # One key order for every epoch, warm-up or not: Tune's CSV logger, resuming a trial,
+        # appends to the old progress.csv under its header, but maps columns by the first new
+        # result's key order; a different order put values under the wrong columns.
+        first = [k for k in EPOCH_METRICS if k in metrics]
+        first += [f"{m}_{i}" for m in LEVEL_METRICS for i in range(num_levels) if f"{m}_{i}" in metrics]
+        return {**{k: metrics[k] for k in first}, **dict(sorted((k, v) for k, v in metrics.items() if k not in first))}
 
 
 def _progress(epoch: int, epochs: int, b: int, nb: int, loss: float, ips: float) -> None:

@@ -187,6 +187,13 @@ def test_metrics_csv_has_documented_keys(straight_run: Run) -> None:
     assert len(straight_run.history) == 3
 
 
+def test_every_epoch_reports_the_same_keys_in_the_same_order(straight_run: Run) -> None:
+    # Tune's CSV logger maps a resumed trial's columns by the key order of its first new result.
+    orders = [list(m) for m in straight_run.history]
+    assert orders[0][:3] == ["epoch", "loss", "loss_inst"]
+    assert all(o == orders[0] for o in orders)  # epoch 1 is warm-up, epochs 2-3 use prototypes
+
+
 def test_proto_metrics_nan_in_warmup_finite_after(straight_run: Run) -> None:
     df = pd.read_csv(straight_run.out / "metrics.csv")
     warm, after = df.iloc[0], df.iloc[1:]
