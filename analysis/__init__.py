@@ -6,11 +6,20 @@
 
 ``python -m analysis RUN_DIR [RUN_DIR ...]`` prints the summaries and writes ``report.md`` and
 ``report.html`` into the experiment folder.
+
+Modules, in the order the data flow through them: ``errors`` (what is raised and warned);
+``loader`` reads a folder through ``space_record`` (what was searched), ``tune_state`` (Tune's
+experiment state, via Ray's reader) and ``trial_files`` (each trial folder), and ``tables``
+builds the DataFrames; ``experiment`` wraps them (:class:`Experiment`); ``summaries`` and
+``importance`` compute from them; ``plots`` (ours) and ``study`` (Optuna's figures of the study)
+draw; ``render`` and ``report`` write the report. Importing the package sets no matplotlib
+backend.
 """
 
+from .errors import AnalysisError, AnalysisWarning, EmptyExperimentError
 from .experiment import BestTrial, Experiment, compare, load
 from .importance import Importance
-from .loader import STATUSES, AnalysisError, AnalysisWarning, EmptyExperimentError
+from .tables import STATUSES
 
 __all__ = ["STATUSES", "AnalysisError", "AnalysisWarning", "BestTrial", "EmptyExperimentError", "Experiment",
            "Importance", "compare", "load"]

@@ -4,6 +4,9 @@ With several folders, each gets its report and a side-by-side table (best object
 epochs spent per experiment) is printed and written to the first folder (or ``--out``).
 
 Exit codes: 0 done; 2 a folder is not an experiment, has no trial result yet, or a bad argument.
+
+This command draws with matplotlib's Agg backend (files only, no window); importing the package
+chooses no backend, so a notebook keeps its own.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import AnalysisError, AnalysisWarning
 from .experiment import Experiment, compare, load
 from .importance import EVALUATORS, MIN_TRIALS
-from .loader import AnalysisError, AnalysisWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folder(s): <storage-path>/<name>")
     p.add_argument("--metric", help="objective to analyse (default: the search's)")
     p.add_argument("--mode", choices=["min", "max"], help="direction of --metric (default: the search's for its "
-                                                          "own metric, min for loss*/time*, else max)")
+                                                          "own metric, else the metric's in pcl_tune.metrics)")
     p.add_argument("--top", type=int, default=10, help="leaderboard length (default 10)")
     p.add_argument("--evaluator", choices=EVALUATORS, default="fanova",
                    help="Optuna importance evaluator (default fanova)")
@@ -45,20 +48,19 @@ def _show(df: pd.DataFrame, index: bool = False) -> str:
 
 
 def print_experiment(exp: Experiment, top: int, evaluator: str, min_trials: int) -> None:
-    sp = exp.space
     comp = exp.compute().iloc[0]
     best = exp.best()
     state = "complete" if exp.complete else "still running or interrupted (partial results)"
     counts = ", ".join(f"{int(comp[s])} {s}" for s in ("finished", "stopped", "errored", "running") if comp[s])
-    print(f"== {exp.path}  ({sp.name}; {state})")
-    print(f"trials: {len(exp.trials)} ({counts}); objective: {sp.mode} {sp.metric}")
-    print(f"best {sp.metric} = {best.value:.4g} in trial {best.trial_id} ({best.status}) at epoch {best.epoch}")
+    print(f"== {exp.path}  ({exp.space.name}; {state})")
+    print(f"trials: {len(exp.trials)} ({counts}); objective: {exp.mode} {exp.metric}")
+    print(f"best {exp.metric} = {best.value:.4g} in trial {best.trial_id} ({best.status}) at epoch {best.epoch}")
     for k, v in sorted(best.params.items()):
         print(f"    {k:28s} {v!r}")
     print(f"\nleaderboard (top {top}):\n{_show(exp.leaderboard(top))}")
     imp = exp.importance(evaluator=evaluator, min_trials=min_trials)
     print(f"\nparameter importance: {imp.describe()}\n{_show(imp.table)}")
-    print(f"\neffect of each parameter on the trials' best {sp.metric}:\n{_show(exp.effects())}")
+    print(f"\neffect of each parameter on the trials' best {exp.metric}:\n{_show(exp.effects())}")
     print(f"\ncompute: {int(comp['epochs_spent'])} epochs spent of {comp['epochs_full_budget']:.0f} at full budget "
           f"(max_t {comp['max_t']:.0f}); saved fraction {comp['saved_fraction']:.1%}")
     for name, table in exp.comparisons().items():
@@ -67,6 +69,9 @@ def print_experiment(exp: Experiment, top: int, evaluator: str, min_trials: int)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")  # a command writes files; Optuna's figures go through pyplot
     if args.top < 1:
         print("error: --top must be >= 1", file=sys.stderr)
         return 2

@@ -6,35 +6,33 @@ import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from pcl_tune import experiment_folder
+from pcl_tune.experiment_folder import BEST_YAML, OPTUNA_DB, Best, best_epoch
+from pcl_tune.space import SearchSpace
+
 from . import summaries
+from .errors import AnalysisError, EmptyExperimentError
 from .importance import MIN_TRIALS, Importance, compute_importance
-from .loader import (
-    OPTUNA_DB,
-    AnalysisError,
-    EmptyExperimentError,
-    RawTrial,
-    SpaceInfo,
-    metric_columns,
-    read_experiment,
-)
+from .loader import FolderContents, read_experiment
+from .study import open_study
+from .tables import metric_columns
+
+if TYPE_CHECKING:
+    import optuna
 
 ANALYSIS_DIR = "analysis"
 """Sub-folder of the experiment that receives the tables and plots of the report."""
 
 
-@dataclass
-class BestTrial:
-    """The best (trial, epoch) of the search for the objective."""
+@dataclass(frozen=True)
+class BestTrial(Best):
+    """The best (trial, epoch) of the search for the objective
+    (:func:`pcl_tune.experiment_folder.best_epoch`), with what the analysis knows of that trial."""
 
-    trial_id: str
-    value: float
-    epoch: int
-    metric: str
-    mode: str
     status: str
     params: dict[str, Any]
     """The trial's searched parameters (dotted keys), as it ran them."""
@@ -48,8 +46,13 @@ class Experiment:
 
     Attributes:
         path: the experiment folder.
-        space: :class:`~analysis.loader.SpaceInfo` (what was searched, objective, ASHA budget).
-        metric, mode: the objective analysed (the search's unless overridden at load time).
+        space: the :class:`pcl_tune.space.SearchSpace` that was searched (read from
+            ``space.json``; inferred from the trials when it is missing: see ``space_inferred``).
+        run: how the search ran (``executor``, ``workers_per_trial``, ``smoke``, ``command``,
+            ``started``); {} when unknown.
+        space_inferred: True when there was no readable ``space.json`` and :attr:`space` was
+            pieced together from the trials.
+        metric, mode: the objective analysed: the search's unless overridden at load time.
         trials: one row per trial, in start order. Columns: ``trial_id``; ``status`` (finished:
             ran ``max_t`` epochs / stopped: ended earlier, ASHA stopped it / errored / running: no
             terminal result yet); ``order`` (0 = started first); one column per searched parameter
@@ -60,55 +63,53 @@ class Experiment:
             ``train_time_s`` (sum of ``time_epoch``); ``start_time`` (unix seconds);
             ``checkpoint`` (latest checkpoint folder or None); ``error`` (last line of
             ``error.txt``, None if none); ``trial_dir``; then for every numeric metric M the
-            trial reported: ``last_M`` (last non-NaN value) and ``best_M`` (max, or min for
-            ``loss*`` / ``time*``; not for ``lr`` and ``num_clusters_*``). Accuracies are in %.
+            trial reported: ``last_M`` (last non-NaN value) and ``best_M`` (in the direction
+            :func:`pcl_tune.metrics.direction` gives; only where :func:`pcl_tune.metrics.has_best`,
+            so not for ``lr`` and ``num_clusters_*``). Units: :func:`pcl_tune.metrics.unit`.
         epochs: one row per trial and epoch, in start order then epoch. Columns ``trial_id``,
-            ``epoch``, then every field of the result: the loop's metrics (``loss``,
-            ``loss_inst``, ``acc_inst`` %, ``loss_proto``, ``acc_proto`` %, ``knn_top1`` %,
-            ``nmi``, ``ami``, ``lr``, ``images_per_s``, ``time_*`` s, per level ``loss_proto_i``,
-            ``acc_proto_i`` %, ``nmi_i``, ``ami_i``, ``num_clusters_i``, ``clusters``, ``node_id``;
-            proto metrics and NMI are NaN in warm-up epochs) and Tune's (``training_iteration``,
+            ``epoch``, then every field of the result: the loop's metrics (the registry,
+            :data:`pcl_tune.metrics.REGISTRY`: ``loss``, ``acc_inst`` %, ``knn_top1`` %,
+            ``time_*`` s, per level ``acc_proto_i`` %, ``num_clusters_i``, ...; prototype metrics
+            are NaN in warm-up epochs), ``clusters``, and Tune's fields (``training_iteration``,
             ``time_this_iter_s``, ``time_total_s``, ``done``, ``date``, ``timestamp``,
             ``checkpoint_dir_name``, ...).
         warnings: messages about damaged or partial files (also emitted as AnalysisWarning).
         complete: whether the search wrote its end-of-search files (``trials.csv``).
     """
 
-    def __init__(self, path: Path, space: SpaceInfo, raw: list[RawTrial], trials: pd.DataFrame,
-                 epochs: pd.DataFrame, warnings: list[str], complete: bool) -> None:
-        self.path = path
-        self.space = space
-        self.trials = trials
-        self.epochs = epochs
-        self.warnings = warnings
-        self.complete = complete
-        self._raw = {t.trial_id: t for t in raw}
+    def __init__(self, contents: FolderContents) -> None:
+        self.path = contents.path
+        self.space: SearchSpace = contents.space
+        self.run = contents.run
+        self.space_inferred = contents.space_inferred
+        self.metric = contents.metric
+        self.mode = contents.mode
+        self.trials = contents.trials
+        self.epochs = contents.epochs
+        self.warnings = contents.warnings
+        self.complete = contents.complete
+        self._raw = {t.trial_id: t for t in contents.raw}
 
     # ------------------------------------------------------------------ basics
-    @property
-    def metric(self) -> str:
-        return self.space.metric
-
-    @property
-    def mode(self) -> str:
-        return self.space.mode
-
     @property
     def objective_col(self) -> str:
         """Column of :attr:`trials` with each trial's objective (``best_<metric>``)."""
         return f"best_{self.metric}"
 
     @property
+    def own_objective(self) -> bool:
+        """Whether the analysed objective is the one the search optimised (Optuna's study is
+        about that one only)."""
+        return self.space_inferred or (self.space.metric, self.space.mode) == (self.metric, self.mode)
+
+    @property
     def params(self) -> list[str]:
         """Searched parameter columns of :attr:`trials`."""
-        return [p for p in self.space.param_names if p in self.trials.columns] + [
-            c for c in self._extra_params() if c not in self.space.param_names]
-
-    def _extra_params(self) -> list[str]:
-        names: list[str] = []
+        names = self.space.param_names
+        extra: list[str] = []
         for t in self._raw.values():
-            names += [k for k in t.params if k not in names]
-        return names
+            extra += [k for k in t.params if k not in names and k not in extra]
+        return [p for p in names if p in self.trials.columns] + extra
 
     def is_numeric(self, param: str) -> bool:
         """Whether a searched parameter is a numeric range (else categorical)."""
@@ -122,6 +123,15 @@ class Experiment:
     def metrics(self) -> list[str]:
         """Numeric metrics reported per epoch."""
         return metric_columns(self.epochs)
+
+    @property
+    def max_t(self) -> int | None:
+        """The full budget of a trial in epochs (None when unknown)."""
+        return self.space.max_t
+
+    def rungs(self) -> list[int]:
+        """ASHA's milestones (epochs at which trials could be stopped); empty without ASHA."""
+        return self.space.rungs() if self.space.max_t is not None else []
 
     @property
     def has_results(self) -> bool:
@@ -143,42 +153,33 @@ class Experiment:
 
     # ------------------------------------------------------------------ best
     def best(self) -> BestTrial:
-        """The best value of the objective over every epoch of every trial (ties: earliest trial)."""
+        """The best value of the objective over every epoch of every trial (ties: the trial that
+        started first), as :func:`pcl_tune.experiment_folder.best_epoch` defines it."""
         self.require_results()
-        ep = self.epochs
-        values = pd.to_numeric(ep[self.metric], errors="coerce")
-        idx = values.idxmax() if self.mode == "max" else values.idxmin()
-        row = ep.loc[idx]
-        tid = str(row["trial_id"])
-        raw = self._raw[tid]
-        status = self.trials.set_index("trial_id").loc[tid, "status"]
-        return BestTrial(trial_id=tid, value=float(values.loc[idx]), epoch=int(row["epoch"]), metric=self.metric,
-                         mode=self.mode, status=str(status), params=dict(raw.params), checkpoint=raw.checkpoint,
-                         trial_dir=str(raw.path))
+        b = best_epoch(self.epochs, self.metric, self.mode)
+        if b is None:  # require_results saw a number; only infinities are left
+            raise EmptyExperimentError(f"{self.path}: no finite value of {self.metric} reported yet")
+        raw = self._raw[b.trial_id]
+        status = self.trials.set_index("trial_id").loc[b.trial_id, "status"]
+        return BestTrial(b.trial_id, b.epoch, b.value, b.metric, b.mode, status=str(status),
+                         params=dict(raw.params), checkpoint=raw.checkpoint, trial_dir=str(raw.path))
 
     def best_config(self) -> dict[str, Any]:
-        """The full (nested) config of the best trial: the space's fixed settings merged with the
-        trial's parameters, as ``pcl_tune.config.merge`` does for the search."""
-        from pcl_tune.config import merge
-
-        return merge(self.space.fixed, self.best().params)
+        """The full (nested) config of the best trial (:func:`pcl_tune.experiment_folder.best_config`)."""
+        return experiment_folder.best_config(self.space.fixed, self.best().params)
 
     def best_yaml_path(self) -> Path:
         """``best.yaml`` for the search's own objective, ``best_<metric>_<mode>.yaml`` otherwise."""
-        raw = self.space.raw
-        if not raw or (raw.get("metric"), raw.get("mode")) == (self.metric, self.mode):
-            return self.path / "best.yaml"
+        if self.own_objective:
+            return self.path / BEST_YAML
         return self.path / f"best_{self.metric}_{self.mode}.yaml"
 
     def write_best_yaml(self, overwrite: bool = False) -> Path:
         """Write the best config (see :meth:`best_config`) unless the search already wrote it."""
-        import yaml
-
         path = self.best_yaml_path()
         if path.is_file() and not overwrite:
             return path
-        path.write_text(yaml.safe_dump(self.best_config(), sort_keys=False))
-        return path
+        return experiment_folder.write_best_yaml(path, self.space.fixed, self.best().params)
 
     def rerun_command(self) -> str:
         """The command that re-trains the best configuration from scratch."""
@@ -201,7 +202,7 @@ class Experiment:
 
     def compute(self) -> pd.DataFrame:
         """Compute accounting, one row (:func:`summaries.compute_accounting`)."""
-        return summaries.compute_accounting(self.trials, self.space.max_t, self.epochs)
+        return summaries.compute_accounting(self.trials, self.max_t, self.epochs)
 
     def comparisons(self, confidence: float = 0.95) -> dict[str, pd.DataFrame]:
         """Duplicate-handling / prototype-loss tables with t-intervals over seeds
@@ -221,13 +222,18 @@ class Experiment:
         """What the confidence intervals of :meth:`comparisons` run over: ``"seeds"`` or ``"trials"``."""
         return "seeds" if "seed" in self.params else "trials"
 
+    def study(self) -> optuna.Study | None:
+        """The search's Optuna study (``optuna.db``), or None (a grid search, or none persisted).
+
+        Its trial values are what the searcher was told: the objective at a trial's last epoch.
+        """
+        return open_study(self.path / OPTUNA_DB, self.space.name)[0]
+
     def importance(self, evaluator: str = "fanova", min_trials: int = MIN_TRIALS, seed: int = 0) -> Importance:
         """Parameter importance: Optuna's ``evaluator`` on ``optuna.db`` (fANOVA by default) when the
         study has at least ``min_trials`` completed trials, else the labelled simple fallback."""
-        raw = self.space.raw
-        own_objective = not raw or (raw.get("metric"), raw.get("mode")) == (self.metric, self.mode)
         return compute_importance(self.trials, {p: self.is_numeric(p) for p in self.params}, self.objective_col,
-                                  db=self.path / OPTUNA_DB, study_name=self.space.name, use_study=own_objective,
+                                  db=self.path / OPTUNA_DB, study_name=self.space.name, use_study=self.own_objective,
                                   evaluator=evaluator, min_trials=min_trials, seed=seed)
 
     def summary(self) -> dict[str, Any]:
@@ -280,19 +286,18 @@ def load(run_dir: str | Path, *, metric: str | None = None, mode: str | None = N
     Args:
         run_dir: the experiment folder.
         metric: objective to analyse (default: the search's); ``mode`` defaults to the search's
-            for its own metric, else min for ``loss*``/``time*`` and max otherwise.
+            for its own metric, else to the metric's direction in :mod:`pcl_tune.metrics`.
         allow_empty: return an experiment without results instead of raising.
 
     Raises:
-        AnalysisError: not an experiment folder (no ``space.json`` and no ``trial_*`` folders), or
-            ``metric`` was never reported.
+        AnalysisError: not an experiment folder (no ``space.json`` and no ``trial_*`` folders),
+            ``metric`` was never reported, or ``mode`` is neither min nor max.
         EmptyExperimentError: no trial has reported a result yet (unless ``allow_empty``).
 
-    Damaged trial files produce :class:`~analysis.loader.AnalysisWarning` (kept in
+    Damaged trial files produce :class:`~analysis.errors.AnalysisWarning` (kept in
     :attr:`Experiment.warnings`); their partial data are loaded.
     """
-    path, space, raw, trials, epochs, notes, complete = read_experiment(run_dir, metric, mode)
-    exp = Experiment(path, space, raw, trials, epochs, notes, complete)
+    exp = Experiment(read_experiment(run_dir, metric, mode))
     if not allow_empty:
         exp.require_results()
     return exp
@@ -307,7 +312,6 @@ def compare(experiments: list[Experiment]) -> pd.DataFrame:
     ``saved_fraction``, ``train_time_s``, ``complete``.
     """
     return pd.DataFrame([e.summary() for e in experiments])
-
 
 
 __all__ = ["AnalysisError", "BestTrial", "EmptyExperimentError", "Experiment", "compare", "load"]

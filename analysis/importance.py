@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .study import completed, open_study
 from .summaries import simple_importance
 
 EVALUATORS = ("fanova", "ped_anova", "mdi")
@@ -49,6 +50,8 @@ class Importance:
     """``"fanova"`` / ``"ped_anova"`` / ``"mdi"``, or None for the simple fallback."""
     notes: list[str] = field(default_factory=list)
     """Why the fallback was used, which parameters Optuna could not assess, ..."""
+    seed: int = 0
+    """The evaluator's seed (drawing Optuna's figure with it gives the same scores)."""
 
     @property
     def fallback(self) -> bool:
@@ -59,7 +62,8 @@ class Importance:
         return f"Method: {self.method}." + ("" if not self.notes else " " + " ".join(self.notes))
 
 
-def _make_evaluator(name: str, seed: int) -> object:
+def make_evaluator(name: str, seed: int = 0) -> object:
+    """Optuna's importance evaluator called ``name`` (one of :data:`EVALUATORS`)."""
     import optuna.importance as oi
 
     if name == "fanova":
@@ -76,28 +80,22 @@ def optuna_importance(db: Path, study_name: str, evaluator: str = "fanova", min_
     """Optuna's importance on the study in ``db``; (None, reasons) when it cannot be computed."""
     if evaluator not in EVALUATORS:
         raise ValueError(f"evaluator must be one of {', '.join(EVALUATORS)}, got {evaluator!r}")
-    if not db.is_file():
-        return None, [f"No Optuna study ({db.name} missing: a grid search, or the study was not persisted)."]
+    study, reasons = open_study(db, study_name)
+    if study is None:
+        return None, reasons
+    done = completed(study)
+    if len(done) < max(2, min_trials):
+        return None, [f"Only {len(done)} completed Optuna trial(s) (< {max(2, min_trials)}): too few to fit "
+                      f"{EVALUATOR_NAMES[evaluator].split(' (')[0]}."]
     try:
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = f"sqlite:///{db}"
-        names = optuna.study.get_all_study_names(storage=storage)
-        if study_name not in names:
-            if len(names) != 1:
-                return None, [f"{db.name} holds no study named {study_name!r} (found {names})."]
-            study_name = names[0]
-        study = optuna.load_study(study_name=study_name, storage=storage)
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(done) < max(2, min_trials):
-            return None, [f"Only {len(done)} completed Optuna trial(s) (< {max(2, min_trials)}): too few to fit "
-                          f"{EVALUATOR_NAMES[evaluator].split(' (')[0]}."]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scores = optuna.importance.get_param_importances(study, evaluator=_make_evaluator(evaluator, seed))
-    except Exception as e:  # a locked / damaged database, an evaluator failure: use the fallback
+            scores = optuna.importance.get_param_importances(study, evaluator=make_evaluator(evaluator, seed))
+    except Exception as e:  # an evaluator failure: use the fallback
         return None, [f"Optuna importance failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})."]
+    study_name = study.study_name
     every = set.intersection(*(set(t.params) for t in done)) if done else set()
     seen = set().union(*(set(t.params) for t in done)) if done else set()
     notes = []
@@ -122,11 +120,11 @@ def compute_importance(trials: pd.DataFrame, params: dict[str, bool], objective_
     if use_study and db is not None:
         table, notes = optuna_importance(db, study_name, evaluator, min_trials, seed)
         if table is not None:
-            return Importance(table, EVALUATOR_NAMES[evaluator], evaluator, notes)
+            return Importance(table, EVALUATOR_NAMES[evaluator], evaluator, notes, seed)
     elif not use_study:
         notes = ["The Optuna study optimised the search's own objective, not this metric."]
     table = simple_importance(trials, params, objective_col)
     n = int(trials[objective_col].notna().sum()) if objective_col in trials.columns else 0
     notes = notes + [f"Fallback over {n} trial(s) using each trial's best objective; scores of the two kinds "
                      "are not comparable with each other, and few trials make them noisy."]
-    return Importance(table, SIMPLE_METHOD, None, notes)
+    return Importance(table, SIMPLE_METHOD, None, notes, seed)

@@ -1,8 +1,12 @@
-"""PNG figures of an experiment (matplotlib, Agg backend).
+"""PNG figures of an experiment that Optuna has no figure for, or that stand in for Optuna's when
+there is no study (see :mod:`analysis.study`).
 
 Every function takes an :class:`analysis.Experiment` (or a table) and a path, writes the figure
 and returns the path, or returns None when there is nothing to draw (e.g. no prototype metrics).
-Legends sit outside the axes; accuracies are labelled in %.
+Legends sit outside the axes; axis labels carry the registry's units (:func:`pcl_tune.metrics.label`).
+
+Figures are built as :class:`matplotlib.figure.Figure` objects, not through pyplot: they need no
+backend, leave the caller's backend (a notebook's) alone and hold no global figure state.
 """
 
 from __future__ import annotations
@@ -11,19 +15,20 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib import ticker
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.legend import Legend
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.legend import Legend  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+from pcl_tune.metrics import label as metric_label
 
-from .loader import metric_label  # noqa: E402
-from .summaries import bin_values  # noqa: E402
+from .summaries import bin_values
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -41,18 +46,24 @@ STATUS_COLOR = {"finished": "tab:blue", "stopped": "tab:red", "errored": "black"
 MAX_TRIAL_LEGEND = 16
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     """Write the PNG with every legend inside the saved area (legends sit outside the axes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, Legend)]
     extra = list(dict.fromkeys(fig.get_default_bbox_extra_artists() + list(fig.legends) + legends))
     fig.savefig(path, dpi=DPI, bbox_inches="tight", bbox_extra_artists=extra)
-    plt.close(fig)
     return path
 
 
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
+              squeeze: bool = True) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot: a detached Figure and its axes."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
 def _colors(n: int) -> list[tuple[float, float, float, float]]:
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
 
@@ -63,7 +74,7 @@ def objective_vs_epoch(exp: Experiment, path: Path) -> Path | None:
     if not len(ep) or metric not in ep.columns:
         return None
     trials = exp.trials
-    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    fig, ax = _subplots(figsize=(8.5, 4.8))
     colors = _colors(len(trials))
     handles = []
     for color, (_, t) in zip(colors, trials.iterrows()):
@@ -77,7 +88,7 @@ def objective_vs_epoch(exp: Experiment, path: Path) -> Path | None:
         last = d.iloc[-1]
         ax.plot([last["epoch"]], [last[metric]], marker=marker, ms=9, color=color, mec=edge, mew=1.5, ls="none",
                 zorder=5)
-    for r in exp.space.rungs():
+    for r in exp.rungs():
         ax.axvline(r, color="0.6", ls=":", lw=1)
     best = exp.best() if ep[metric].notna().any() else None
     if best is not None:
@@ -85,14 +96,14 @@ def objective_vs_epoch(exp: Experiment, path: Path) -> Path | None:
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{metric} per epoch, {len(trials)} trials ({exp.mode} is better)")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     status_handles = [Line2D([], [], marker=m, color="0.5", mec=e, ls="none", ms=8, label=txt)
                       for s, (m, e, txt) in STATUS_STYLE.items() if (trials["status"] == s).any()]
     if best is not None:
         status_handles.append(Line2D([], [], marker="*", color="gold", mec="black", ls="none", ms=12,
                                      label=f"best: {best.value:.3g} ({best.trial_id}, epoch {best.epoch})"))
-    if exp.space.rungs():
+    if exp.rungs():
         status_handles.append(Line2D([], [], color="0.6", ls=":", label="ASHA rung"))
     leg = ax.legend(handles=status_handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
                     title="last epoch marker", title_fontsize=8, frameon=False)
@@ -108,7 +119,7 @@ def best_so_far(exp: Experiment, path: Path) -> Path | None:
     h = exp.best_so_far()
     if not h["value"].notna().any():
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    fig, ax = _subplots(figsize=(7.5, 4.0))
     for status, (marker, _, txt) in STATUS_STYLE.items():
         d = h[h["status"] == status]
         if len(d):
@@ -118,7 +129,7 @@ def best_so_far(exp: Experiment, path: Path) -> Path | None:
     ax.set_xlabel("trial (in start order)")
     ax.set_ylabel(f"trial's best {metric_label(exp.metric)}")
     ax.set_title("search progress")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return _save(fig, path)
@@ -130,7 +141,7 @@ def importance_bars(imp: Importance, path: Path) -> Path | None:
     if not len(t):
         return None
     t = t.iloc[::-1]
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(t) + 1.4))
+    fig, ax = _subplots(figsize=(7.5, 0.45 * len(t) + 1.4))
     colors = ["tab:orange" if m == "eta^2" else "tab:blue" for m in t["method"]]
     ax.barh(t["param"], t["share"], color=colors)
     for y, (v, m) in enumerate(zip(t["share"], t["method"])):
@@ -152,7 +163,7 @@ def param_effects(exp: Experiment, params: Sequence[str], path: Path) -> Path | 
         return None
     ncols = min(3, len(params))
     nrows = math.ceil(len(params) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.7 * nrows), squeeze=False)
+    fig, axes = _subplots(nrows, ncols, figsize=(4.6 * ncols, 3.7 * nrows), squeeze=False)
     y_label = f"trial's best {metric_label(exp.metric)}"
     for ax, p in zip(axes.flat, params):
         spec = exp.space.param(p)
@@ -166,7 +177,7 @@ def param_effects(exp: Experiment, params: Sequence[str], path: Path) -> Path | 
             if spec is not None and spec.log:
                 _log_x(ax)
             elif spec is not None and spec.kind == "int":
-                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+                ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
             ax.set_xlabel(p + (" (log scale)" if spec is not None and spec.log else ""))
             missing = int(t[p].isna().sum())
             if missing:
@@ -196,7 +207,7 @@ def param_effects(exp: Experiment, params: Sequence[str], path: Path) -> Path | 
     return _save(fig, path)
 
 
-def _log_x(ax: plt.Axes) -> None:
+def _log_x(ax: Axes) -> None:
     """Log-scale x axis with a few plain tick labels (1-2-5 steps, finer for a narrow range)."""
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
@@ -208,9 +219,9 @@ def _log_x(ax: plt.Axes) -> None:
             break
     if len(ticks) < 2:
         ticks = [float(f"{v:.2g}") for v in np.geomspace(lo, hi, 4)[1:-1]]
-    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _short(label: str, n: int = 22) -> str:
@@ -229,7 +240,7 @@ def proto_levels(exp: Experiment, path: Path) -> Path | None:
     levels = sorted(set(_levels(ep.columns, "acc_proto")) | set(_levels(ep.columns, "loss_proto")))
     if not levels or not any(ep.get(f"acc_proto_{i}", pd.Series(dtype=float)).notna().any() for i in levels):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = _subplots(1, 2, figsize=(11, 4.2))
     colors = _colors(len(levels))
     for ax, prefix, ylabel in ((axes[0], "acc_proto", "prototype accuracy acc_proto_i (%)"),
                                (axes[1], "loss_proto", "prototype loss loss_proto_i")):
@@ -242,7 +253,7 @@ def proto_levels(exp: Experiment, path: Path) -> Path | None:
             ax.fill_between(g.index, g["min"], g["max"], color=color, alpha=0.15, lw=0)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     warm = [int(v) for v in exp.epochs.loc[exp.epochs.get("acc_proto", pd.Series(dtype=float)).isna(), "epoch"]] \
         if "acc_proto" in ep.columns else []
@@ -270,7 +281,7 @@ def comparison(table: pd.DataFrame, group: str, row: str | None, metric: str, pa
     present = list(dict.fromkeys(table[group].astype(str)))
     groups = [str(g) for g in (groups or []) if str(g) in present] + \
         [g for g in present if g not in [str(x) for x in (groups or [])]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) * max(1, len(groups)) * 0.5 + 3), 4.2))
+    fig, ax = _subplots(figsize=(max(6.0, 1.1 * len(rows) * max(1, len(groups)) * 0.5 + 3), 4.2))
     width = 0.8 / max(1, len(groups))
     colors = _colors(len(groups))
     for j, (gname, color) in enumerate(zip(groups, colors)):

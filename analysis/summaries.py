@@ -1,4 +1,5 @@
-"""Summary tables of a search, computed from the trials table with pandas only.
+"""Summary tables of a search, computed from the trials table with pandas (intervals and rank
+correlations with ``scipy.stats``).
 
 Every function takes the ``trials`` DataFrame of :class:`analysis.Experiment` (one row per trial,
 the per-trial objective in ``best_<metric>``) and returns a new DataFrame whose columns are listed
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 NOT_SET = "(not set)"
 """Group label of trials in which a conditional parameter was not sampled."""
@@ -28,19 +30,12 @@ USES_DUPLICATES = ("proto_nce", "topk_below")
 
 # --------------------------------------------------------------------------- confidence intervals
 
-def t_quantile(confidence: float, dof: int) -> float:
-    """Two-sided Student-t critical value: ``t_{(1+confidence)/2, dof}``."""
-    from scipy import stats
-
-    return float(stats.t.ppf(0.5 + confidence / 2.0, dof))
-
-
 def mean_ci(values: Iterable[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean and t-interval of independent replicates (NaNs dropped).
+    """Mean and Student-t interval of independent replicates (NaNs dropped), via ``scipy.stats``.
 
     Returns a dict with ``n``, ``mean``, ``std`` (sample, ddof=1), ``sem``, ``ci_half`` (half-width
-    ``t * sem``), ``ci_low`` and ``ci_high``. With one replicate the spread and the interval are NaN;
-    with none, everything but ``n`` is NaN.
+    ``t_{(1+confidence)/2, n-1} * sem``), ``ci_low`` and ``ci_high``. With one replicate the spread
+    and the interval are NaN; with none, everything but ``n`` is NaN.
     """
     x = pd.to_numeric(pd.Series(list(values), dtype="float64"), errors="coerce").dropna().to_numpy()
     n = int(x.size)
@@ -48,11 +43,13 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> dict[str, floa
     if n < 2:
         return {"n": n, "mean": mean, "std": math.nan, "sem": math.nan, "ci_half": math.nan,
                 "ci_low": math.nan, "ci_high": math.nan}
-    std = float(x.std(ddof=1))
-    sem = std / math.sqrt(n)
-    half = t_quantile(confidence, n - 1) * sem
-    return {"n": n, "mean": mean, "std": std, "sem": sem, "ci_half": half, "ci_low": mean - half,
-            "ci_high": mean + half}
+    sem = float(stats.sem(x))
+    if sem == 0:  # identical replicates: scipy returns NaN bounds for a zero scale
+        low = high = mean
+    else:
+        low, high = (float(v) for v in stats.t.interval(confidence, n - 1, loc=mean, scale=sem))
+    return {"n": n, "mean": mean, "std": float(x.std(ddof=1)), "sem": sem, "ci_half": high - mean,
+            "ci_low": low, "ci_high": high}
 
 
 def _ordered(df: pd.DataFrame, cols: Sequence[str], orders: dict[str, Sequence[Any]] | None) -> pd.DataFrame:
@@ -100,11 +97,11 @@ def ci_table(df: pd.DataFrame, by: Sequence[str], value: str, replicate: str | N
             reps = g.groupby(g[replicate].astype(object).where(g[replicate].notna(), NOT_SET), dropna=False)[value].mean()
         else:
             reps = g[value]
-        stats = mean_ci(reps, confidence)
+        ci = mean_ci(reps, confidence)
         best = g[value].max() if mode == "max" else g[value].min()
-        rows.append({**dict(zip(by, key)), "n": stats["n"], "n_trials": len(g), "mean": stats["mean"],
-                     "std": stats["std"], "ci_low": stats["ci_low"], "ci_high": stats["ci_high"],
-                     "ci_half": stats["ci_half"], "best": float(best)})
+        rows.append({**dict(zip(by, key)), "n": ci["n"], "n_trials": len(g), "mean": ci["mean"],
+                     "std": ci["std"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
+                     "ci_half": ci["ci_half"], "best": float(best)})
     return _ordered(pd.DataFrame(rows, columns=cols), by, orders)
 
 
@@ -288,11 +285,10 @@ def compute_accounting(trials: pd.DataFrame, max_t: int | None, epochs: pd.DataF
 # --------------------------------------------------------------------------- simple importance
 
 def _spearman(x: pd.Series, y: pd.Series) -> float:
-    """Spearman rank correlation (Pearson of average ranks); NaN when a side is constant."""
-    rx, ry = x.rank(), y.rank()
-    if rx.std() == 0 or ry.std() == 0:
+    """``scipy.stats.spearmanr``'s rho; NaN when a side is constant."""
+    if x.nunique() < 2 or y.nunique() < 2:
         return math.nan
-    return float(np.corrcoef(rx.to_numpy(float), ry.to_numpy(float))[0, 1])
+    return float(stats.spearmanr(x.to_numpy(float), y.to_numpy(float)).statistic)
 
 
 def eta_squared(groups: pd.Series, y: pd.Series) -> float:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _env import environment
 
 from pcl_tune.clustering import cluster
 
@@ -70,17 +69,6 @@ def run_sklearn(x: np.ndarray, k: int, seed: int, niter: int) -> tuple[float, fl
     km.fit(x)
     dt = time.perf_counter() - t0
     return float(km.inertia_), dt, int(km.n_iter_)
-
-
-def environment(threads: int) -> str:
-    import faiss
-    import sklearn
-
-    load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return (f"python {platform.python_version()}, torch {torch.__version__} (threads "
-            f"{torch.get_num_threads()}), faiss {faiss.__version__} (omp threads {threads}), "
-            f"scikit-learn {sklearn.__version__}, cpu {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cpus{load}")
 
 
 def format_table(rows: list[dict[str, float]]) -> str:
@@ -125,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (None if args.quick else RESULTS / "clustering.md")
 
     x = mixture_of_gaussians(n, dim, args.components, args.noise, args.seed)
-    env = environment(args.threads)
+    env = environment()
     setup = (f"{n} x {dim} float32 points, mixture of {args.components} gaussians (noise {args.noise}), "
              f"L2-normalised; {args.niter} iterations, nredo=1 / n_init=1; median wall time of {repeats} "
              f"run(s), seeds {args.seed}..{args.seed + repeats - 1}, methods interleaved")
-    print(f"# {env}\n# {setup}", flush=True)
+    print(f"Environment: {env}\nSetup: {setup}", flush=True)
 
     runners: dict[str, Callable[[int, int], tuple[float, float, int]]] = {
         "faiss": lambda k, s: run_pcl(x, k, s, "faiss", args.niter),

@@ -27,8 +27,6 @@ smoke run that writes nothing unless ``--out`` is given.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import statistics
 import sys
@@ -39,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _env import environment
 from torch import Tensor
 
 from pcl_tune.losses import proto_nce, topk_prototype_loss
@@ -188,17 +187,6 @@ def format_table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def environment(device: torch.device) -> str:
-    dev = str(device)
-    if device.type == "cuda":
-        dev += f" ({torch.cuda.get_device_name(device)})"
-    else:
-        dev += f" ({platform.processor() or platform.machine()})"
-    load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return (f"python {platform.python_version()}, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}, device {dev}, {os.cpu_count()} cpus{load}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -237,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     setup = (f"B={args.batch}, D={args.dim}, r={args.negatives}, float32, median of {n_calls} calls "
              f"after {warmup} warm-up, methods interleaved")
-    print(f"# {env}\n# {setup}", flush=True)
+    print(f"Environment: {env}\nSetup: {setup}", flush=True)
 
     tables: dict[str, list[dict[str, float]]] = {"forward": [], "forward + backward": []}
     for m in sizes:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _env import environment
 
 from pcl_tune.config import config_from_dict
 from pcl_tune.evaluate import knn_accuracy, raw_pixel_features
-from pcl_tune.train import Trainer, train_loop
+from pcl_tune.train import RunState, embed, train_loop
 
 
 def main() -> None:
@@ -31,18 +32,20 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    env = environment()
+    print(f"Environment: {env}", flush=True)
     from pcl_tune.config import parse_overrides
 
     settings = {"threads": args.threads, "progress": False, **parse_overrides(args.overrides)}
     if args.epochs:
         settings["epochs"] = args.epochs
     cfg = config_from_dict(settings)
-    init = Trainer(cfg)
+    init = RunState.build(cfg)
     d = init.data
     raw = knn_accuracy(raw_pixel_features(d.val.images), d.val.labels, raw_pixel_features(d.train.images),
                        d.train.labels, d.num_classes, k=cfg.eval.knn_k, t=cfg.eval.knn_t)
-    _, bank = init.embed(d.train, head=False, backbone=True)
-    _, val = init.embed(d.val, head=False, backbone=True)
+    _, bank = embed(init, d.train, head=False, backbone=True)
+    _, val = embed(init, d.val, head=False, backbone=True)
     rand = knn_accuracy(val, d.val.labels, bank, d.train.labels, d.num_classes, k=cfg.eval.knn_k, t=cfg.eval.knn_t)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +64,8 @@ def main() -> None:
                         f"{t['time_eval']:.3f} | {t['time_epoch']:.3f} | {share:.1f} % |")
     lines = [
         f"# Pretraining the default config ({platform.node()}, {args.threads} threads, torch {torch.__version__})",
+        "",
+        f"Environment: {env}",
         "",
         f"{d.summary()}; {cfg.epochs} epochs, batch {cfg.optim.batch_size}, {cfg.model.backbone} width "
         f"{cfg.model.width}, warm-up {cfg.pcl.warmup_epochs}, clusters {cfg.pcl.cluster_schedule}; wall {wall:.0f} s",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from _env import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,8 @@ def main() -> None:
                          "does not depend on the ASHA settings)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    env = environment()
+    print(f"Environment: {env}", flush=True)
     spec = yaml.safe_load(Path(args.space).read_text())
     if args.epochs:
         spec["fixed"]["epochs"] = args.epochs
@@ -94,6 +97,7 @@ def main() -> None:
     best_overall = max(df[metric].max() for _, df in results.values())
     lines = [f"# Search efficiency: {Path(args.space).name}, {epochs} epochs per trial, objective {metric} (max), "
              f"{args.num_cpus} CPUs, TPE seed {spec['searcher'].get('seed')}", "",
+             f"Environment: {env}", "",
              f"best {metric} over all searches: {best_overall:.2f}", "",
              "| search | trials | stopped early | epochs spent | share of full budget | best | wall s | "
              "epochs until within 1 point of the overall best |",

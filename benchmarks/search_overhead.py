@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _env import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    env = environment()
+    print(f"Environment: {env}", flush=True)
     demo = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
     fixed = {**demo["fixed"], "epochs": args.epochs, "threads": 1, "progress": False}
     from pcl_tune.config import config_from_dict
@@ -59,6 +62,7 @@ def main() -> None:
                           *(["--no-dashboard"] if executor == "direct" else [])])
             rows.append((f"1-trial search, {executor} executor", wall))
     lines = [f"# One trial ({args.epochs} epochs of the demo's fixed settings, 1 thread): plain vs search", "",
+             f"Environment: {env}", "",
              "| how | wall s | ratio to plain |", "|---|---:|---:|"]
     lines += [f"| {name} | {w:.1f} | {w / plain:.2f} |" for name, w in rows]
     text = "\n".join(lines) + "\n"

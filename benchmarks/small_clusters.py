@@ -1,4 +1,4 @@
-"""The report's failure and its fix: cluster counts below the batch size (RESEARCH.md section 1).
+"""The report's failure and its fix: cluster counts below the batch size (pcl_tune/METHOD.md §3).
 
 Short runs on the embedded default with 5 and 10 clusters at batch 64, one per prototype-loss
 variant: ProtoNCE with duplicates "none" (reference code), "remap" (the report's fix), "dedupe"
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _env import environment
 
 from pcl_tune.train import train_loop
 
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    env = environment()
+    print(f"Environment: {env}", flush=True)
     rows = []
     for name, extra in VARIANTS.items():
         cfg = {"epochs": args.epochs, "threads": args.threads, "progress": False, "optim.batch_size": 64,
@@ -60,7 +63,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     text = (f"# Cluster counts below the batch size (5 and 10 clusters, batch 64, {args.epochs} epochs, "
-            f"warm-up {args.warmup})\n\nacc_proto with duplicates 'none' can never exceed 100 x #unique positives / "
+            f"warm-up {args.warmup})\n\nEnvironment: {env}\n\n"
+            f"acc_proto with duplicates 'none' can never exceed 100 x #unique positives / "
             f"batch (<= 7.8 % at 5 clusters, 15.6 % at 10); top-K reports the share of rows whose nearest "
             f"prototype is their own.\n\n" + md_table(df) + "\n")
     print(text)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import ClusteringConfig
+
 log = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "faiss-gpu", "torch")
@@ -244,11 +246,11 @@ def cluster(
     *,
     temperature: float,
     seed: int = 0,
-    niter: int = 20,
-    nredo: int = 5,
-    max_points_per_centroid: int = 1000,
-    min_points_per_centroid: int = 10,
-    backend: str = "auto",
+    niter: int = ClusteringConfig.niter,
+    nredo: int = ClusteringConfig.nredo,
+    max_points_per_centroid: int = ClusteringConfig.max_points_per_centroid,
+    min_points_per_centroid: int = ClusteringConfig.min_points_per_centroid,
+    backend: str = ClusteringConfig.backend,
 ) -> list[ClusterLevel]:
     """k-means of ``features`` at every granularity in ``num_clusters`` (PCL's per-epoch step).
 
@@ -257,7 +259,8 @@ def cluster(
         num_clusters: one count or a list of counts, one level each.
         temperature: mean concentration of every level.
         seed: level ``i`` is seeded with ``seed + i``.
-        niter, nredo, max_points_per_centroid, min_points_per_centroid: k-means settings.
+        niter, nredo, max_points_per_centroid, min_points_per_centroid: k-means settings; the
+            defaults are the run config's (``clustering.*``; the reference PCL code uses nredo 5).
         backend: ``"auto"``, ``"faiss"``, ``"faiss-gpu"`` or ``"torch"``.
 
     Returns:

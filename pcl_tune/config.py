@@ -177,6 +177,12 @@ class EvalConfig:
     batch_size: int = 256
     every: int = 1
     """Evaluate every N epochs (and always at the last)."""
+    best_metric: str = "knn_top1"
+    """Metric whose best epoch is kept as ``checkpoint/best.pt`` beside the latest checkpoint (the
+    search sets it to its objective); direction from pcl_tune.metrics."""
+    fewshot_episodes: int = 200
+    """Episodes of the per-epoch few-shot metrics fewshot_5w1s / fewshot_5w5s (5-way, 15 queries per
+    class, nearest-class-mean classifier on the val split's backbone features); 0 turns them off."""
 
 
 @dataclass
@@ -333,7 +339,7 @@ _CHOICES = {
 _POSITIVE = ("epochs", "optim.lr", "optim.batch_size", "model.low_dim", "model.queue_size", "model.width",
              "pcl.temperature", "pcl.proto_temperature", "pcl.k", "pcl.alpha", "clustering.niter",
              "clustering.nredo", "eval.knn_k", "eval.knn_t", "eval.batch_size", "eval.every")
-_NON_NEGATIVE = ("pcl.warmup_epochs", "pcl.num_negatives", "pcl.lam", "pcl.proto_weight", "optim.weight_decay",
+_NON_NEGATIVE = ("eval.fewshot_episodes", "pcl.warmup_epochs", "pcl.num_negatives", "pcl.lam", "pcl.proto_weight", "optim.weight_decay",
                  "optim.momentum", "data.num_workers")
 
 
@@ -373,6 +379,11 @@ def validate(cfg: TrainConfig) -> None:
         ClusterSchedule.parse(cfg.pcl.cluster_schedule, what="key 'pcl.cluster_schedule'")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from .metrics import REGISTRY, lookup
+
+    if lookup(cfg.eval.best_metric) is None:
+        raise ConfigError(f"key 'eval.best_metric': got {cfg.eval.best_metric!r}, expected a reported metric: "
+                          f"{', '.join(m.name for m in REGISTRY)} (or a per-level name such as acc_proto_0)")
     if cfg.data.dataset != "digits" and not cfg.data.root:
         raise ConfigError(f"key 'data.root': dataset {cfg.data.dataset!r} needs a root folder")
     if len(cfg.data.digits_copies) != 3 or min(cfg.data.digits_copies) < 1:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,12 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-DATASETS: tuple[str, ...] = ("digits", "folder", "cifar10", "cifar100", "miniimagenet")
 
 
 class TensorImageDataset(Dataset):
@@ -221,17 +224,26 @@ def render_digit_scenes(digits: Tensor, *, size: int = DIGITS_SIZE, seed: int = 
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+DIGITS_FRACTIONS = (0.6, 0.2, 0.2)
+"""Train / val / test shares of the digit glyphs (split by source glyph)."""
+
+
 def digit_scenes(
-    *, seed: int = 0, size: int = DIGITS_SIZE, copies: tuple[int, int, int] = (3, 2, 2),
-    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), clutter: int = 0,
+    *, seed: int = 0, size: int = DIGITS_SIZE, copies: tuple[int, int, int] | None = None,
+    fractions: tuple[float, float, float] = DIGITS_FRACTIONS, clutter: int = 0,
 ) -> DatasetSplits:
     """The embedded default dataset, built from scikit-learn's bundled handwritten digits.
 
     The 1 797 source glyphs are split train/val/test by source image (stratified, ``fractions``),
-    so no glyph appears in two splits; each glyph is rendered into ``copies[split]`` scenes.
+    so no glyph appears in two splits; each glyph is rendered into ``copies[split]`` scenes
+    (default: ``data.digits_copies`` of :class:`pcl_tune.config.DataConfig`).
     """
     from sklearn.datasets import load_digits
 
+    from .config import DataConfig
+
+    if copies is None:
+        copies = tuple(DataConfig().digits_copies)  # type: ignore[assignment]
     bunch = load_digits()
     glyphs = torch.from_numpy(bunch.images / 16.0).float()
     targets = np.asarray(bunch.target, dtype=np.int64)
@@ -348,3 +360,71 @@ def mini_imagenet(root: str, *, image_size: int = 84, val_fraction: float = 0.1,
         log.warning("mini-ImageNet at %s has %d train classes (the standard split has 64)", base, len(classes))
     return DatasetSplits("miniimagenet", full.subset(keep), full.subset(held), test, len(classes), image_size,
                          IMAGENET_MEAN, IMAGENET_STD, fewshot=fewshot)
+
+
+# --------------------------------------------------------------------------- a config's datasets
+
+# Augmentation settings a config leaves unset (None) take MoCo v2's values, or the dataset's own
+# where MoCo v2's were measured to hurt it (digits: crops that cut the digit, mirrored digits).
+AUGMENT_DEFAULTS: dict[str, dict[str, float]] = {
+    "moco_v2": {"crop_min_scale": 0.2, "flip_p": 0.5},
+    "digits": {"crop_min_scale": 0.5, "flip_p": 0.0},
+}
+
+
+def augment_setting(cfg: TrainConfig, name: str) -> float:
+    """A ``data.<name>`` augmentation setting; when unset, the dataset's default or MoCo v2's."""
+    value = getattr(cfg.data, name)
+    if value is not None:
+        return float(value)
+    return AUGMENT_DEFAULTS.get(cfg.data.dataset, {}).get(name, AUGMENT_DEFAULTS["moco_v2"][name])
+
+
+_DATA_CACHE: dict[tuple[Any, ...], DatasetSplits] = {}
+
+
+def load_datasets(cfg: TrainConfig) -> DatasetSplits:
+    """Build (and cache per process) the dataset splits a config asks for."""
+    dc = cfg.data
+    key = (dc.dataset, dc.root, dc.image_size, dc.load_size, dc.val_fraction, tuple(dc.digits_copies), cfg.seed,
+           dc.download, dc.digits_clutter)
+    if key in _DATA_CACHE:
+        splits = _DATA_CACHE[key]
+    else:
+        if dc.dataset == "digits":
+            splits = digit_scenes(seed=cfg.seed, size=dc.image_size or DIGITS_SIZE,
+                                  copies=tuple(dc.digits_copies), clutter=dc.digits_clutter)  # type: ignore[arg-type]
+        elif dc.dataset in ("cifar10", "cifar100"):
+            splits = cifar(dc.root or ".", num_classes=10 if dc.dataset == "cifar10" else 100,
+                           download=dc.download, val_fraction=dc.val_fraction, seed=cfg.seed)
+        elif dc.dataset == "miniimagenet":
+            size = dc.image_size or 84
+            splits = mini_imagenet(dc.root or ".", image_size=dc.load_size or size, val_fraction=dc.val_fraction,
+                                   seed=cfg.seed)
+            splits.image_size = size
+        else:
+            size = dc.image_size or 224
+            splits = image_folder(dc.root or ".", image_size=dc.load_size or round(size * 8 / 7),
+                                  val_fraction=dc.val_fraction, seed=cfg.seed)
+            splits.image_size = size
+        _DATA_CACHE[key] = splits
+    if dc.subset is not None and dc.subset < len(splits.train):
+        splits = DatasetSplits(splits.name, splits.train.subset(np.arange(dc.subset)), splits.val, splits.test,
+                               splits.num_classes, splits.image_size, splits.mean, splits.std, splits.fewshot)
+    return splits
+
+
+def train_size(cfg: TrainConfig) -> int | None:
+    """Number of training images a config gives, without rendering or decoding them (None if unknown)."""
+    d = cfg.data
+    n: int | None = None
+    if d.dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        targets = np.asarray(load_digits().target)
+        n = len(_split_by_source(targets, DIGITS_FRACTIONS, cfg.seed)[0]) * d.digits_copies[0]
+    elif d.dataset in ("cifar10", "cifar100"):
+        n = 45000
+    if n is not None and d.subset is not None:
+        n = min(n, d.subset)
+    return n

@@ -27,11 +27,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def shard(indices: Tensor, *, pad: bool) -> Tensor:
     """This rank's share of ``indices`` (strided). With ``pad`` every rank gets the same count,
     repeating leading indices, as DistributedSampler does (needed where collectives follow)."""

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import PCLConfig
+
 DuplicateMode = Literal["dedupe", "remap", "none"]
 Weighting = Literal["inverse_distance", "uniform", "softmax"]
 PushReduction = Literal["sum", "mean"]
@@ -203,7 +205,7 @@ def topk_prototype_loss(
     softmax_temperature: float = 0.1,
     eps: float = 1e-6,
 ) -> Tensor:
-    """The report's top-K prototype loss (RESEARCH.md section 2).
+    """The researcher's top-K prototype loss for levels with few clusters (pcl_tune/METHOD.md §4).
 
     ``L_i = sum_{k<=K} w_k ||q_i - mu_k||^2 + lam * sum_{k>K} max(0, alpha - ||q_i - mu_k||^2)``
     over the K prototypes nearest to q_i; the loss is the mean of L_i over the batch.
@@ -279,15 +281,24 @@ class PrototypeLossConfig:
         k, lam, alpha, weighting, push_reduction: top-K loss settings.
     """
 
-    kind: ProtoLossKind = "proto_nce"
+    # Defaults are the run config's (pcl_tune.config.PCLConfig), the one place they are set.
+    kind: ProtoLossKind = PCLConfig.proto_loss  # type: ignore[assignment]
     topk_threshold: int | None = None
-    num_negatives: int = 16000
-    duplicates: DuplicateMode = "dedupe"
-    k: int = 3
-    lam: float = 0.1
-    alpha: float = 1.0
-    weighting: Weighting = "inverse_distance"
-    push_reduction: PushReduction = "sum"
+    num_negatives: int = PCLConfig.num_negatives
+    duplicates: DuplicateMode = PCLConfig.duplicates  # type: ignore[assignment]
+    k: int = PCLConfig.k
+    lam: float = PCLConfig.lam
+    alpha: float = PCLConfig.alpha
+    weighting: Weighting = PCLConfig.weighting  # type: ignore[assignment]
+    push_reduction: PushReduction = PCLConfig.push_reduction  # type: ignore[assignment]
+
+    @classmethod
+    def from_config(cls, pcl: PCLConfig, *, batch_size: int) -> PrototypeLossConfig:
+        """The loss settings of a run's ``pcl`` section (``topk_threshold`` defaults to the batch size)."""
+        return cls(kind=pcl.proto_loss, topk_threshold=pcl.topk_threshold or batch_size,  # type: ignore[arg-type]
+                   num_negatives=pcl.num_negatives, duplicates=pcl.duplicates,  # type: ignore[arg-type]
+                   k=pcl.k, lam=pcl.lam, alpha=pcl.alpha, weighting=pcl.weighting,  # type: ignore[arg-type]
+                   push_reduction=pcl.push_reduction)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         if self.kind not in PROTO_LOSS_KINDS:

@@ -1,170 +1,30 @@
 """``python -m pcl_tune.search --space FILE``: Ray Tune + OptunaSearch (TPE) + ASHA over PCL trials.
 
-This is the only module that builds Tuners. Two trial executors share one training loop
-(:func:`pcl_tune.train.train_loop`):
-
-* ``direct``: the loop runs inside the Tune trial (CPU, one GPU or a fraction of one). Right for
-  small trials: a Ray Train start-up costs ~25 s on a 2-core machine.
-* ``train``: the trial builds and fits a ``TorchTrainer`` with N DDP workers (gloo on CPU, NCCL on
-  GPU); metrics reach Tune per epoch through ``TuneReportCallback`` (Ray Train V2).
-
-The experiment folder ``<storage-path>/<name>/`` holds Tune's trial folders (``params.json``,
-``result.json``, ``progress.csv``, the latest checkpoint), the Optuna study (``optuna.db``,
-open it with ``optuna-dashboard sqlite:///.../optuna.db``), a copy of the space file, and at the
-end ``trials.csv`` and ``best.yaml``.
+This is the only module that builds Tuners: it plans resources and concurrency, builds the
+Tuner (or restores one), and summarises the result. What runs inside a trial (the ``direct`` and
+``train`` executors) is :mod:`pcl_tune.trials`; the experiment folder's files are named in
+:mod:`pcl_tune.experiment_folder`. The Optuna study (``optuna.db``) opens with
+``optuna-dashboard sqlite:///<experiment>/optuna.db``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import experiment_folder as F
 from .space import SearchSpace, SpaceError, load_space
+from .trials import direct_trial, threads_for, train_trial
 
 log = logging.getLogger("pcl_tune.search")
-
-SPACE_COPY = "search_space.yaml"
-SPACE_JSON = "space.json"
-OPTUNA_DB = "optuna.db"
-TRAIN_RUNS = "train_runs"
-
-
-# --------------------------------------------------------------------------- trial executors
-
-def _stage_checkpoint(checkpoint: Any, staging: Path) -> Path | None:
-    """Copy a Ray checkpoint's ``checkpoint.pt`` into a local staging folder; return its path."""
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        src = Path(d) / "checkpoint.pt"
-        if not src.is_file():
-            return None
-        staging.mkdir(parents=True, exist_ok=True)
-        dst = staging / "resume.pt"
-        shutil.copyfile(src, dst)
-        return dst
-
-
-def _threads(cpus: float) -> int:
-    return max(1, int(cpus))
-
-
-def direct_trial(params: dict[str, Any], *, fixed: dict[str, Any], threads: int) -> None:
-    """Tune function trainable: one PCL run inside the trial process, reporting every epoch."""
-    import torch
-    from ray import tune
-
-    from .config import merge
-    from .train import train_loop
-
-    torch.set_num_threads(threads)
-    cfg = merge(fixed, params)
-    cfg = merge(cfg, {"threads": threads, "progress": False})
-    with tempfile.TemporaryDirectory(prefix="pcl_tune_trial_") as tmp:
-        work = Path(tmp)
-        resume = _stage_checkpoint(tune.get_checkpoint(), work / "restore")
-
-        node = _node_id()
-
-        def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-            checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-            tune.report({**_clean(metrics), "node_id": node}, checkpoint=checkpoint)
-
-        train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False, replay_last=True)
-
-
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker function: the same loop under DDP; rank 0 writes the checkpoint."""
-    import ray.train
-    import torch
-
-    from .train import train_loop
-
-    torch.set_num_threads(int(loop_config["threads"]))
-    with tempfile.TemporaryDirectory(prefix="pcl_tune_worker_") as tmp:
-        work = Path(tmp)
-        resume = _stage_checkpoint(ray.train.get_checkpoint(), work / "restore")
-
-        node = _node_id()
-
-        def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-            ray.train.report({**_clean(metrics), "node_id": node}, checkpoint=checkpoint)
-
-        train_loop(loop_config["config"], out_dir=work / "run", callback=report, resume_from=resume, verbose=False,
-                   replay_last=True)
-
-
-def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, cpus_per_worker: float,
-                gpus_per_worker: float, train_storage: str, max_failures: int) -> None:
-    """Tune function trainable that fits a ``TorchTrainer`` with ``workers`` DDP workers.
-
-    The Train run is named after the Tune trial, so a restored trial's Train run resumes from
-    its own latest checkpoint (Ray Train V2 reloads it from storage).
-    """
-    from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .config import merge
-
-    use_gpu = gpus_per_worker > 0
-    threads = _threads(cpus_per_worker)
-    cfg = merge(merge(fixed, params), {"threads": threads, "progress": False})
-    trial_id = tune.get_context().get_trial_id()
-    resources = {"CPU": cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = gpus_per_worker
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": cfg, "threads": threads},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=f"trial_{trial_id}", storage_path=train_storage,
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=max_failures),
-        ),
-    )
-    trainer.fit()
-
-
-def _node_id() -> str:
-    """The Ray node this process runs on (reported with every result: where did the trial run?)."""
-    import ray
-
-    try:
-        return str(ray.get_runtime_context().get_node_id())
-    except Exception:
-        return ""
-
-
-def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Plain Python scalars only (Tune's JSON logger and Optuna want floats, not tensors)."""
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if isinstance(v, (int, float, str, bool)) or v is None:
-            out[k] = v
-        else:
-            try:
-                out[k] = float(v)
-            except (TypeError, ValueError):
-                out[k] = str(v)
-    return out
 
 
 # --------------------------------------------------------------------------- the plan
@@ -201,7 +61,7 @@ def make_plan(space: SearchSpace, cluster_cpus: float, cluster_gpus: float) -> P
             trial["GPU"] = float(r.gpus_per_trial)
         per_cpu, per_gpu = r.cpus_per_trial, r.gpus_per_trial
         worker: dict[str, float] = {}
-        threads = _threads(r.cpus_per_trial)
+        threads = threads_for(r.cpus_per_trial)
     else:
         # The trial driver only waits on its TorchTrainer: it holds no CPU (Ray rejects cpu=0
         # alone, so it asks for a little memory); the workers hold the real resources.
@@ -211,7 +71,7 @@ def make_plan(space: SearchSpace, cluster_cpus: float, cluster_gpus: float) -> P
             worker["GPU"] = float(r.gpus_per_worker)
         per_cpu = r.workers_per_trial * r.cpus_per_worker
         per_gpu = r.workers_per_trial * r.gpus_per_worker
-        threads = _threads(r.cpus_per_worker)
+        threads = threads_for(r.cpus_per_worker)
     limits = []
     if per_cpu > 0:
         limits.append(math.floor(cluster_cpus / per_cpu + 1e-9))
@@ -269,7 +129,7 @@ def describe_space(space: SearchSpace) -> str:
                      f"{space.num_samples} trials")
         for point in space.points_to_evaluate:
             lines.append("    evaluated first: " + ", ".join(f"{k}={v}" for k, v in point.items()))
-    max_t = space.max_t or space.base_config().epochs
+    max_t = space.resolved_max_t()
     if space.asha:
         lines.append(f"  ASHA on the epoch: grace {space.grace_period}, reduction factor {space.reduction_factor}, "
                      f"max_t {max_t}, brackets {space.brackets}")
@@ -327,16 +187,18 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from .config import merge
     from .searcher import ResumableOptunaSearch
 
-    fixed = dict(space.fixed)
+    # Each trial keeps its best epoch's weights (checkpoint/best.pt) by the search's objective.
+    fixed = merge(dict(space.fixed), {"eval.best_metric": space.metric})
     if plan.executor == "direct":
         fn = tune.with_parameters(direct_trial, fixed=fixed, threads=plan.threads)
     else:
         fn = tune.with_parameters(train_trial, fixed=fixed, workers=plan.workers_per_trial,
                                   cpus_per_worker=plan.worker_resources.get("CPU", 1.0),
                                   gpus_per_worker=plan.worker_resources.get("GPU", 0.0),
-                                  train_storage=str(exp_dir / TRAIN_RUNS), max_failures=max_failures)
+                                  train_storage=str(exp_dir / F.TRAIN_RUNS), max_failures=max_failures)
     resources = {k.lower() if k in ("CPU", "GPU") else k: v for k, v in plan.trial_resources.items()}
     trainable = tune.with_resources(fn, resources)
     if restore:
@@ -347,12 +209,12 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
         searcher = None
         param_space = {p.name: tune.grid_search(list(p.choices)) for p in space.params}
     else:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_DB}")
+        storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / F.OPTUNA_DB}")
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
         searcher = ResumableOptunaSearch(space.define_by_run(), metric=space.metric, mode=space.mode,
                                          sampler=sampler, storage=storage, study_name=space.name,
                                          points_to_evaluate=space.points_to_evaluate or None)
-    max_t = space.max_t or space.base_config().epochs
+    max_t = space.resolved_max_t()
     scheduler = None
     if space.asha:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
@@ -376,35 +238,34 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
 
 
 def summarize(results: Any, space: SearchSpace, exp_dir: Path) -> dict[str, Any] | None:
-    """Write trials.csv and best.yaml; print the best trial."""
-    from .config import merge
+    """Write trials.csv and best.yaml; print the best trial (the best epoch of any trial,
+    :func:`pcl_tune.experiment_folder.best_epoch`, as the analysis finds it)."""
+    import pandas as pd
 
-    df = results.get_dataframe()
-    df.to_csv(exp_dir / "trials.csv", index=False)
+    results.get_dataframe().to_csv(exp_dir / F.TRIALS_CSV, index=False)
     errors = [r for r in results if r.error is not None]
-    try:
-        best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
-    except RuntimeError:
-        best = None
-    if best is None or best.metrics is None or space.metric not in best.metrics:
+    by_id = {Path(r.path).name.removeprefix(F.TRIAL_PREFIX): r for r in results if r.path}
+    frames = [r.metrics_dataframe.assign(trial_id=tid) for tid, r in by_id.items()
+              if r.metrics_dataframe is not None and "epoch" in r.metrics_dataframe]
+    best = F.best_epoch(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), space.metric, space.mode)
+    if best is None:
         print(f"[pcl_tune] no trial reported {space.metric}; see {exp_dir}", flush=True)
         return None
-    scores = [m for r in results if r.metrics_dataframe is not None and space.metric in r.metrics_dataframe
-              for m in r.metrics_dataframe[space.metric].dropna()]
-    best_value = max(scores) if space.mode == "max" else min(scores)
-    full = merge(space.fixed, best.config)
-    (exp_dir / "best.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    ckpt = best.checkpoint.path if best.checkpoint is not None else best.metrics.get("checkpoint_path")
-    print(f"\n[pcl_tune] {len(results)} trials, {len(errors)} errored. Best {space.metric} = {best_value:.4g} "
-          f"({space.mode}) in {Path(best.path).name}", flush=True)
-    for k, v in sorted(best.config.items()):
+    result = by_id[best.trial_id]
+    best_yaml = F.write_best_yaml(exp_dir / F.BEST_YAML, space.fixed, result.config)
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    print(f"\n[pcl_tune] {len(results)} trials, {len(errors)} errored. Best {space.metric} = {best.value:.4g} "
+          f"({space.mode}) at epoch {best.epoch} of {F.TRIAL_PREFIX}{best.trial_id}", flush=True)
+    for k, v in sorted(result.config.items()):
         print(f"    {k:28s} {v!r}")
-    print(f"  checkpoint: {ckpt}\n  full config: {exp_dir / 'best.yaml'} "
-          f"(re-run: python -m pcl_tune.train --config {exp_dir / 'best.yaml'} --out {exp_dir / 'best_rerun'})\n"
-          f"  trial table: {exp_dir / 'trials.csv'}; per-epoch results: {exp_dir}/trial_*/progress.csv", flush=True)
+    print(f"  latest checkpoint: {ckpt}\n  full config: {best_yaml} "
+          f"(re-run: python -m pcl_tune.train --config {best_yaml} --out {exp_dir / 'best_rerun'})\n"
+          f"  trial table: {exp_dir / F.TRIALS_CSV}; per-epoch results: {exp_dir}/{F.TRIAL_PREFIX}*/progress.csv",
+          flush=True)
     for r in errors:
         print(f"  errored: {Path(r.path).name}: {str(r.error).strip().splitlines()[-1][:300]}")
-    return {"metric": best_value, "config": best.config, "checkpoint": ckpt}
+    return {"metric": best.value, "epoch": best.epoch, "trial_id": best.trial_id, "config": result.config,
+            "checkpoint": ckpt}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not args.space and not args.name:
             raise SpaceError("--resume needs --name (or --space) to find the experiment folder")
         if args.resume and not args.space:
-            space_file = storage_root / args.name / SPACE_COPY
+            space_file = storage_root / args.name / F.SPACE_YAML
             if not space_file.is_file():
-                raise SpaceError(f"{storage_root / args.name}: not a pcl_tune experiment (no {SPACE_COPY})")
+                raise SpaceError(f"{storage_root / args.name}: not a pcl_tune experiment (no {F.SPACE_YAML})")
         else:
             if not args.space:
                 raise SpaceError("--space FILE is required (see search_spaces/)")
@@ -501,17 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  resources: {plan.describe()}\n  experiment folder: {exp_dir}", flush=True)
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
-        shutil.copyfile(space_file, exp_dir / SPACE_COPY)
-        (exp_dir / SPACE_JSON).write_text(json.dumps({
-            "name": space.name, "description": space.description, "metric": space.metric, "mode": space.mode,
-            "algorithm": space.algorithm, "asha": space.asha, "fixed": space.fixed,
-            "params": [asdict(p) for p in space.params], "num_samples": space.num_samples,
-            "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
-            "max_t": space.max_t or space.base_config().epochs, "executor": plan.executor,
-            "workers_per_trial": plan.workers_per_trial, "smoke": bool(args.smoke),
+        shutil.copyfile(space_file, exp_dir / F.SPACE_YAML)
+        F.write_space_json(exp_dir, space, {
+            "executor": plan.executor, "workers_per_trial": plan.workers_per_trial, "smoke": bool(args.smoke),
             "command": " ".join([sys.executable, "-m", "pcl_tune.search"] + (argv if argv is not None else sys.argv[1:])),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }, indent=2, default=str))
+        })
     tuner = build_tuner(space, plan, exp_dir, max_failures=args.max_failures, restore=args.resume)
     t0 = time.time()
     results = tuner.fit()
@@ -529,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
 def _write_report(exp_dir: Path) -> None:
     """The analysis report, when the analysis package provides one."""
     try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # a command-line process: Optuna's figures go through pyplot
         from analysis import report as report_mod  # type: ignore[attr-defined]
     except ImportError:
         return

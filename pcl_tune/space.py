@@ -34,6 +34,7 @@ and what was expected.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ from typing import Any
 
 from .clustering import ClusterSchedule
 from .config import ConfigError, TrainConfig, config_from_dict, flatten, merge, read_yaml, unflatten
+from .data import train_size
+from .metrics import lookup, reported_metrics
 
 TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "asha", "resources")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
@@ -75,13 +78,36 @@ class Param:
             return list(self.choices)
         return [self.low, self.high]
 
+    @property
+    def numeric(self) -> bool:
+        """Ranges (uniform, loguniform, int) are numeric; choices are categorical."""
+        return self.kind != "choice"
+
     def describe(self) -> str:
-        cond = ""
-        if self.when:
-            cond = "  when " + ", ".join(f"{k} in {list(v)}" for k, v in self.when)
+        """``"loguniform [0.01, 0.3]"``, ``"choice [a, b]"``, ``"int [1, 4] log"``, with the condition if any."""
         if self.kind == "choice":
-            return f"choice {list(self.choices)}{cond}"
-        return f"{self.kind} [{self.low}, {self.high}]{' log' if self.log else ''}{cond}"
+            text = f"choice {list(self.choices)}"
+        else:
+            text = f"{self.kind} [{self.low}, {self.high}]" + (" log" if self.log and self.kind != "loguniform" else "")
+        if self.when:
+            text += "; when " + ", ".join(f"{k} in {list(v)}" for k, v in self.when)
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "low": self.low, "high": self.high,
+                "choices": list(self.choices), "log": self.log, "step": self.step,
+                "when": [[k, list(v)] for k, v in self.when]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Param:
+        """Inverse of :meth:`to_json`; raises KeyError / TypeError / ValueError on a malformed entry."""
+        when = tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else (v,)) for k, v in (d.get("when") or []))
+        kind = str(d.get("kind", "choice"))
+        if kind not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {kind!r}")
+        return cls(name=str(d["name"]), kind=kind, low=d.get("low"), high=d.get("high"),
+                   choices=tuple(d.get("choices") or ()), log=bool(d.get("log", False)), step=d.get("step"),
+                   when=when)
 
 
 @dataclass
@@ -127,9 +153,74 @@ class SearchSpace:
     def base_config(self) -> TrainConfig:
         return config_from_dict(self.fixed)
 
-    def trial_config(self, params: dict[str, Any]) -> TrainConfig:
-        """The full config of one trial: defaults < fixed < sampled parameters."""
-        return config_from_dict(merge(self.fixed, params))
+    def resolved_max_t(self) -> int:
+        """The epoch at which ASHA ends a trial: ``asha.max_t``, or the trials' epochs."""
+        return int(self.max_t) if self.max_t is not None else self.base_config().epochs
+
+    def rungs(self) -> list[int]:
+        """ASHA's milestones (epochs at which a trial can be stopped); empty without ASHA."""
+        if not self.asha:
+            return []
+        out, t, max_t = [], self.grace_period, self.resolved_max_t()
+        while t < max_t:
+            out.append(int(t))
+            t *= self.reduction_factor
+        return out
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved space as plain JSON types: what the experiment folder's ``space.json`` holds."""
+        return {
+            "path": str(self.path), "name": self.name, "description": self.description, "fixed": self.fixed,
+            "params": [p.to_json() for p in self.params], "metric": self.metric, "mode": self.mode,
+            "algorithm": self.algorithm, "asha": self.asha, "seed": self.seed, "startup_trials": self.startup_trials,
+            "num_samples": self.num_samples, "points_to_evaluate": self.points_to_evaluate,
+            "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
+            "max_t": self.resolved_max_t(), "brackets": self.brackets, "resources": dataclasses.asdict(self.resources),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, path: str | Path | None = None) -> SearchSpace:
+        """Read :meth:`to_json`'s output back, not validated (the search validated it when it ran).
+
+        Missing keys take the file format's defaults, so a ``space.json`` written by an older
+        version (it lacked ``seed``, ``resources``, ...) still reads. Raises :class:`SpaceError`
+        naming the key when a value has the wrong type.
+        """
+        where = str(path or data.get("path") or "space.json")
+        if not isinstance(data, dict):
+            raise SpaceError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        params = []
+        for i, d in enumerate(data.get("params") or []):
+            try:
+                params.append(Param.from_json(d))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise SpaceError(f"{where}: key 'params[{i}]': got {d!r}, expected a parameter entry ({e})") from None
+        res = data.get("resources") or {}
+        known = {f.name for f in dataclasses.fields(Resources)}
+        defaults = cls(Path(where), "", "", {}, [])
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("path", "params", "resources") or f.name not in data or data[f.name] is None:
+                continue
+            kwargs[f.name] = data[f.name]
+        space = dataclasses.replace(defaults, **kwargs, params=params,
+                                    resources=Resources(**{k: v for k, v in res.items() if k in known}))
+        space.path = Path(data.get("path") or where)
+        space.name = str(space.name or Path(where).parent.name)
+        space.fixed = dict(space.fixed or {})
+        space.points_to_evaluate = list(space.points_to_evaluate or [])
+        for key, tp in (("num_samples", int), ("grace_period", int), ("reduction_factor", int), ("max_t", int)):
+            v = getattr(space, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, tp)):
+                raise SpaceError(f"{where}: key {key!r}: got {v!r}, expected an integer")
+        return space
 
     def define_by_run(self) -> DefineByRun:
         return DefineByRun(self.params, flatten(unflatten(self.fixed)))
@@ -347,25 +438,6 @@ def _parse_resources(ld: _Loader, res: dict[str, Any]) -> Resources:
     return r
 
 
-def _train_size(cfg: TrainConfig) -> int | None:
-    """Number of training images without rendering or decoding them (None if unknown here)."""
-    d = cfg.data
-    n: int | None = None
-    if d.dataset == "digits":
-        import numpy as np
-        from sklearn.datasets import load_digits
-
-        from .data import _split_by_source
-
-        targets = np.asarray(load_digits().target)
-        n = len(_split_by_source(targets, (0.6, 0.2, 0.2), cfg.seed)[0]) * d.digits_copies[0]
-    elif d.dataset in ("cifar10", "cifar100"):
-        n = 45000
-    if n is not None and d.subset is not None:
-        n = min(n, d.subset)
-    return n
-
-
 def all_values(space: SearchSpace, key: str) -> list[Any]:
     """Every value ``key`` can take in a trial (the fixed value, or the searched values/bounds)."""
     for p in space.params:
@@ -376,8 +448,6 @@ def all_values(space: SearchSpace, key: str) -> list[Any]:
 
 def validate_space(space: SearchSpace) -> None:
     """Cross-field checks before anything starts; raises :class:`SpaceError`."""
-    from .train import reported_metrics
-
     p = space.path
     base = space.base_config()
     ld = _Loader(p)
@@ -396,7 +466,7 @@ def validate_space(space: SearchSpace) -> None:
     if loss_kinds & {"topk", "topk_below"} and max(ks) > smallest:
         key = "search.pcl.k" if any(q.name == "pcl.k" for q in space.params) else "fixed.pcl.k"
         raise ld.fail(key, max(ks), f"K <= the smallest cluster count any schedule uses ({smallest})")
-    n_train = _train_size(base)
+    n_train = train_size(base)
     if n_train is not None and largest > n_train:
         key = "search.pcl.cluster_schedule" if any(q.name == "pcl.cluster_schedule" for q in space.params) \
             else "fixed.pcl.cluster_schedule"
@@ -413,7 +483,7 @@ def validate_space(space: SearchSpace) -> None:
     if space.asha and space.grace_period > max_t:
         raise ld.fail("asha.grace_period", space.grace_period, f"<= asha.max_t ({max_t})")
     levels = {s.num_levels for s in schedules}
-    known = reported_metrics(max(levels))
+    known = set(reported_metrics(max(levels)))
     if space.metric not in known:
         raise ld.fail("objective.metric", space.metric, f"a metric the loop reports: {', '.join(sorted(known))}")
     if space.algorithm not in SEARCH_ALGORITHMS:
@@ -424,8 +494,12 @@ def validate_space(space: SearchSpace) -> None:
         for q in space.params:
             if q.kind != "choice" or q.when:
                 raise ld.fail(f"search.{q.name}", q.describe(), "an unconditional choice (grid search)")
-    if space.metric in ("knn_top1", "nmi", "ami") and base.eval.every != 1:
+    measured = lookup(space.metric)
+    if measured is not None and measured.measured_at == "eval" and base.eval.every != 1:
         raise ld.fail("fixed.eval.every", base.eval.every, f"1: the objective {space.metric} is measured at evaluations")
+    if space.metric.startswith("fewshot_") and min(int(v) for v in all_values(space, "eval.fewshot_episodes")) < 1:
+        raise ld.fail("objective.metric", space.metric, "a metric the configured evaluation produces: set "
+                      "eval.fewshot_episodes >= 1 (e.g. 200) to produce fewshot_5w1s / fewshot_5w5s")
     r = space.resources
     if r.executor == "train" and r.workers_per_trial < 1:
         raise ld.fail("resources.workers_per_trial", r.workers_per_trial, ">= 1 for the train executor")

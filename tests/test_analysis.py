@@ -25,9 +25,12 @@ import pytest
 import yaml
 
 import analysis
-from analysis import summaries
+from analysis import render, space_record, summaries, tune_state
 from analysis.__main__ import main as cli_main
 from analysis.report import write_report
+from pcl_tune import experiment_folder
+from pcl_tune.config import read_yaml
+from pcl_tune.space import Param, SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 slow = pytest.mark.slow
@@ -124,12 +127,20 @@ def test_tables_of_a_real_search(search_exp: Path, tmp_path: Path) -> None:
         assert r["epochs"] == e["epoch"].max()
         assert Path(r["checkpoint"]).is_dir() and r["error"] is None
         assert r["wall_time_s"] > 0
-    # best() is the max of the objective over every epoch of every trial.
+    # best() is the max of the objective over every epoch of every trial, as the search defines it.
     best = exp.best()
     assert best.value == pytest.approx(ep["knn_top1"].max())
     assert ep.loc[(ep["trial_id"] == best.trial_id) & (ep["epoch"] == best.epoch), "knn_top1"].iloc[0] == best.value
+    ref = experiment_folder.best_epoch(ep, "knn_top1", "max")
+    assert ref is not None and (ref.trial_id, ref.epoch, ref.value) == (best.trial_id, best.epoch, best.value)
+    # One schema: the space is the search's SearchSpace, read back from space.json.
+    searched, run = experiment_folder.read_space_json(search_exp)
+    assert isinstance(exp.space, SearchSpace) and exp.space == searched and not exp.space_inferred
+    assert exp.run == run and exp.run["executor"] == "direct" and exp.run["smoke"] is True
+    assert all(isinstance(exp.space.param(p["name"]), Param) for p in space["params"])
     # The search's best.yaml and ours agree.
-    assert exp.best_config() == yaml.safe_load((search_exp / "best.yaml").read_text())
+    best_yaml = search_exp / experiment_folder.BEST_YAML
+    assert exp.best_config() == read_yaml(best_yaml.read_text(), str(best_yaml))
     # CSV and Parquet round trips.
     written = exp.save(tmp_path / "tables")
     assert {p.name for p in written} == {"trials.csv", "trials.parquet", "epochs.csv", "epochs.parquet"}
@@ -184,10 +195,19 @@ def test_report_of_a_real_search(exp_copy: Path) -> None:
     assert "src='analysis/" not in page  # self-contained
     cmd = f"python -m pcl_tune.train --config {exp_copy / 'best.yaml'} --out {exp_copy / 'best_rerun'}"
     assert cmd in md and cmd in page
-    for png in ("objective_vs_epoch", "best_so_far", "importance", "param_effects", "proto_levels"):
-        assert (exp_copy / "analysis" / f"{png}.png").stat().st_size > 5000
+    # A TPE search has a study: Optuna draws the history and slice plots; with 4 trials the
+    # importance is the simple fallback, drawn by us.
+    figures = exp_copy / "analysis"
+    for png in ("objective_vs_epoch", "optuna_history", "optuna_slice", "importance", "proto_levels"):
+        assert (figures / f"{png}.png").stat().st_size > 5000
         assert f"(analysis/{png}.png)" in md
-    best = yaml.safe_load((exp_copy / "best.yaml").read_text())
+    assert not (figures / "best_so_far.png").exists() and not (figures / "param_effects.png").exists()
+    assert "Optimisation history (Optuna)" in md and "slice plot" in md
+    # Enough trials for fANOVA: Optuna draws the importance too, with the table's evaluator.
+    md = (write_report(exp_copy, min_trials=2).parent / "report.md").read_text()
+    assert (figures / "optuna_importance.png").stat().st_size > 5000
+    assert "(analysis/optuna_importance.png)" in md and "Parameter importance (Optuna, fANOVA" in md
+    best = read_yaml((exp_copy / "best.yaml").read_text(), "best.yaml")
     exp = analysis.load(exp_copy)
     assert best["epochs"] == 3 and best["data"]["subset"] == 256  # fixed settings kept
     for k, v in exp.best().params.items():
@@ -243,6 +263,7 @@ def test_damaged_trials_are_loaded_with_warnings(exp_copy: Path) -> None:
     assert any(str(a / "result.json") in m and "truncated" in m for m in messages)
     assert any(str(b / "result.json") in m and "truncated" in m for m in messages)
     assert any(str(c / "params.json") in m and "recovered" in m for m in messages)
+    assert not any("experiment_state" in m for m in messages)  # Tune's state read by Ray's reader
     assert exp.warnings == messages
     t = exp.trials.set_index("trial_id")
     o = original.trials.set_index("trial_id")
@@ -263,6 +284,56 @@ def test_damaged_trials_are_loaded_with_warnings(exp_copy: Path) -> None:
     proc = _cli(str(exp_copy), "--no-report", cwd=exp_copy.parent)
     assert proc.returncode == 0
     assert proc.stderr.count("warning: ") >= 3 and "Traceback" not in proc.stderr
+
+
+def _break_for_ray(exp: Path) -> None:
+    """Make Tune's state unreadable for Ray but not for the raw fallback: one pickled value in
+    each trial entry no longer unpickles (as a state written where other classes existed)."""
+    for f in exp.glob("experiment_state-*.json"):
+        data = json.loads(f.read_text())
+        for entry in data["trial_data"]:
+            meta = json.loads(entry[0])
+            meta["storage"] = {"_type": "CLOUDPICKLE_FALLBACK", "value": "00"}
+            entry[0] = json.dumps(meta)
+        f.write_text(json.dumps(data))
+
+
+@slow
+def test_tune_state_through_ray_and_the_fallback(exp_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state_file = tune_state.newest_state_file(exp_copy)
+    assert state_file is not None
+    by_ray = tune_state.read_with_ray(state_file)
+    ids = {d.name.removeprefix("trial_") for d in exp_copy.glob("trial_*")}
+    assert set(by_ray) == ids and {s.status for s in by_ray.values()} == {"TERMINATED"}
+    for tid, st in by_ray.items():
+        assert st.config == json.loads((exp_copy / f"trial_{tid}" / "params.json").read_text())
+        assert isinstance(st.start_time, float) and st.start_time > 1e9
+    assert tune_state.read_raw(state_file) == by_ray  # the two readers agree on an intact file
+    # An intact folder is read by Ray alone: the raw reader is not needed.
+    with monkeypatch.context() as m:
+        m.setattr(tune_state, "read_raw", lambda f: pytest.fail("fallback used on an intact folder"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", analysis.AnalysisWarning)
+            intact = analysis.load(exp_copy)
+    # A state file Ray cannot read: the fallback gives the same status table, and says so.
+    _break_for_ray(exp_copy)
+    with pytest.raises(Exception):  # noqa: B017 - whatever Ray raises, the fallback catches
+        tune_state.read_with_ray(state_file)
+    with pytest.warns(analysis.AnalysisWarning, match="ExperimentAnalysis could not read it.*raw JSON"):
+        damaged = analysis.load(exp_copy)
+    cols = ["trial_id", "status", "order", "start_time", "epochs", *intact.params]
+    pd.testing.assert_frame_equal(damaged.trials[cols], intact.trials[cols])
+    # ... and it does read the state: an ERROR there makes the trial errored.
+    tid = intact.trials["trial_id"].iloc[1]
+    _set_state(exp_copy, tid, "ERROR")
+    st = _load_quiet(exp_copy).trials.set_index("trial_id")["status"]
+    assert st[tid] == "errored" and (st.drop(tid) == intact.trials.set_index("trial_id")["status"].drop(tid)).all()
+    # A truncated state file: neither reader can; statuses come from the results alone.
+    state_file.write_text(state_file.read_text()[:100])
+    with pytest.warns(analysis.AnalysisWarning, match="unreadable Tune state"):
+        truncated = analysis.load(exp_copy)
+    assert list(truncated.trials.set_index("trial_id").loc[intact.trials["trial_id"], "status"]) == \
+        list(intact.trials["status"])
 
 
 @slow
@@ -319,19 +390,30 @@ def _knn(schedule: str, loss: str, dup: str, seed: int, epoch: int) -> float:
     return base + effect + SEED_EFFECT[seed] + 0.5 * epoch
 
 
-def make_grid_experiment(root: Path, epochs: int = 4) -> Path:
-    """A loss-ablation grid folder as pcl_tune.search writes it (no optuna.db: grid search)."""
+GRID_RUN = {"executor": "direct", "workers_per_trial": 1, "smoke": False,
+            "command": "python -m pcl_tune.search --space ablation.yaml", "started": "2026-01-01 00:00:00"}
+
+
+def make_grid_experiment(root: Path, epochs: int = 4, *, flat_space_json: bool = False) -> Path:
+    """A loss-ablation grid folder as pcl_tune.search writes it (no optuna.db: grid search).
+
+    ``flat_space_json`` writes ``space.json`` in the format of earlier versions (run fields at the
+    top level, no ``run`` record) instead of through :func:`experiment_folder.write_space_json`.
+    """
     exp = root / "ablation"
     exp.mkdir(parents=True)
-    params = [{"name": n, "kind": "choice", "low": None, "high": None, "choices": c, "log": False, "step": None,
-               "when": []} for n, c in (("pcl.cluster_schedule", SCHEDULES), ("pcl.proto_loss", LOSSES),
-                                        ("pcl.duplicates", DUPS), ("seed", SEEDS))]
-    (exp / "space.json").write_text(json.dumps({
-        "name": "ablation", "metric": "knn_top1", "mode": "max",
-        "fixed": {"epochs": epochs, "data": {"dataset": "digits"}, "pcl": {"warmup_epochs": 1, "k": 2}},
-        "params": params, "num_samples": 1, "grace_period": 1, "reduction_factor": 3, "max_t": epochs,
-        "executor": "direct", "workers_per_trial": 1, "smoke": False,
-        "command": "python -m pcl_tune.search --space ablation.yaml", "started": "2026-01-01 00:00:00"}))
+    space = SearchSpace(
+        path=exp / "ablation.yaml", name="ablation", description="",
+        fixed={"epochs": epochs, "data": {"dataset": "digits"}, "pcl": {"warmup_epochs": 1, "k": 2}},
+        params=[Param(n, "choice", choices=tuple(c)) for n, c in (
+            ("pcl.cluster_schedule", SCHEDULES), ("pcl.proto_loss", LOSSES), ("pcl.duplicates", DUPS),
+            ("seed", SEEDS))],
+        algorithm="grid", asha=False, num_samples=1, max_t=epochs)
+    if flat_space_json:
+        flat = {k: v for k, v in space.to_json().items() if k != "resources"}
+        (exp / "space.json").write_text(json.dumps({**flat, **GRID_RUN}))
+    else:
+        experiment_folder.write_space_json(exp, space, GRID_RUN)
     (exp / "search_space.yaml").write_text(yaml.safe_dump({"name": "ablation", "searcher": {"algorithm": "grid"},
                                                           "asha": {"enabled": False}}))
     i = 0
@@ -388,11 +470,22 @@ def test_loss_comparison_tables(tmp_path: Path) -> None:
     assert imp.table.iloc[0]["param"] == "pcl.cluster_schedule"
     c = exp.compute().iloc[0]
     assert c["epochs_spent"] == c["epochs_full_budget"] == 144 and c["saved_fraction"] == 0
+    # Best-of-epochs columns follow the metric registry: min for a loss, none for a schedule value.
+    t = exp.trials
+    assert ((t["best_loss"] - (5.0 - 0.4)).abs() < 1e-9).all() and (t["best_time_epoch"] == 1.0).all()
+    assert "best_lr" not in t.columns and (t["last_lr"] == 0.06).all()
+    assert (t["best_acc_proto_0"] == 34.0).all()
     page = write_report(exp.path).read_text()
+    md = (exp.path / "report.md").read_text()
     assert "ProtoNCE duplicate handling" in page and "ProtoNCE vs top-K" in page
     assert "58.00 ± 2.48 (n=3)" in page
-    assert (exp.path / "analysis" / "compare_duplicates.png").is_file()
-    assert (exp.path / "analysis" / "compare_proto_loss.png").is_file()
+    # Markdown tables (pandas + tabulate): the pivot's row for schedule 5,10 and the units of the best.
+    assert any(line.startswith("| 5,10") and "58.00 ± 2.48 (n=3)" in line for line in md.splitlines())
+    assert f"**{best.value:.4g} %**" in md
+    # No Optuna study (grid search): our figures stand in for Optuna's.
+    for png in ("compare_duplicates", "compare_proto_loss", "best_so_far", "param_effects", "importance"):
+        assert (exp.path / "analysis" / f"{png}.png").is_file() and f"(analysis/{png}.png)" in md
+    assert not list((exp.path / "analysis").glob("optuna_*.png"))
 
 
 def test_status_of_stopped_and_running_trials(tmp_path: Path) -> None:
@@ -419,7 +512,9 @@ def test_status_of_stopped_and_running_trials(tmp_path: Path) -> None:
     os.utime(dirs[2] / "error.txt", (1_000, 1_000))
     os.utime(snap, (2_000, 2_000))
     os.utime(dirs[3] / "error.txt", (3_000, 3_000))
-    exp = analysis.load(path)
+    # A hand-written state file is not one Ray's reader accepts: the raw reader reads it.
+    with pytest.warns(analysis.AnalysisWarning, match="raw JSON"):
+        exp = analysis.load(path)
     st = exp.trials.set_index("trial_id")["status"]
     assert st[dirs[0].name.removeprefix("trial_")] == "stopped"
     assert st[dirs[1].name.removeprefix("trial_")] == "running"
@@ -437,11 +532,50 @@ def test_status_of_stopped_and_running_trials(tmp_path: Path) -> None:
 def test_missing_space_json_is_inferred(tmp_path: Path) -> None:
     path = make_grid_experiment(tmp_path)
     (path / "space.json").unlink()
+    # The copied space file is read with the project's YAML loader: 1e-3 is a number.
+    (path / "search_space.yaml").write_text("name: ablation\nfixed: {optim: {lr: 1e-3}}\n"
+                                            "searcher: {algorithm: grid}\nasha: {enabled: false}\n")
     with pytest.warns(analysis.AnalysisWarning, match="space.json: missing"):
         exp = analysis.load(path)
-    assert exp.space.inferred and exp.space.max_t == 4 and exp.metric == "knn_top1"
+    assert exp.space_inferred and exp.space.max_t == 4 and exp.metric == "knn_top1" and exp.run == {}
     assert set(exp.params) == {"pcl.cluster_schedule", "pcl.proto_loss", "pcl.duplicates", "seed"}
+    assert exp.space.param("seed") == Param("seed", "choice", choices=(0, 1, 2))
+    assert exp.space.algorithm == "grid" and not exp.space.asha and exp.rungs() == []
+    assert exp.space.fixed["optim"]["lr"] == 0.001 and exp.best_config()["optim"]["lr"] == 0.001
     assert len(exp.trials) == 36
+    assert exp.best_yaml_path().name == "best.yaml"
+    # A range is inferred for a numeric parameter with many values.
+    assert space_record.infer_param("lr", [i / 10 for i in range(1, 9)]) == Param("lr", "uniform", low=0.1, high=0.8)
+    assert space_record.infer_param("k", [1, 2, 2]) == Param("k", "choice", choices=(1, 2))
+
+
+def test_space_json_of_earlier_versions(tmp_path: Path) -> None:
+    """The flat space.json of earlier versions (run fields at the top level) reads the same."""
+    new = analysis.load(make_grid_experiment(tmp_path / "new"))
+    old = analysis.load(make_grid_experiment(tmp_path / "old", flat_space_json=True))
+    assert old.run == new.run == GRID_RUN
+    assert old.space.params == new.space.params and old.space.algorithm == "grid" and old.max_t == 4
+    assert old.best().value == new.best().value and old.comparisons()["duplicates"].equals(
+        new.comparisons()["duplicates"])
+
+
+def test_best_ties_go_to_the_trial_started_first(tmp_path: Path) -> None:
+    path = make_grid_experiment(tmp_path)
+    # Start the trials in the reverse order of their folder names.
+    dirs = sorted(path.glob("trial_*"))
+    for i, d in enumerate(dirs):
+        recs = _records(d)
+        for r in recs:
+            r["timestamp"] = 1_900_000_000 - 10 * i + r["epoch"]
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    exp = analysis.load(path)
+    assert list(exp.trials["trial_id"]) == [d.name.removeprefix("trial_") for d in reversed(dirs)]
+    assert exp.epochs["trial_id"].iloc[0] == exp.trials["trial_id"].iloc[0]
+    # Three top-K trials (one per duplicate setting, which top-K ignores) share the best value.
+    best = exp.best()
+    tied = exp.trials[exp.trials["best_knn_top1"] == best.value]
+    assert len(tied) == 3 and best.trial_id == tied.sort_values("order")["trial_id"].iloc[0]
+    assert best.trial_id != sorted(tied["trial_id"])[0]
 
 
 def test_other_metric_and_mode(tmp_path: Path) -> None:
@@ -457,6 +591,36 @@ def test_other_metric_and_mode(tmp_path: Path) -> None:
     with pytest.raises(analysis.EmptyExperimentError, match="all NaN"):
         analysis.load(warm, metric="acc_proto")
     assert cli_main([str(warm), "--metric", "acc_proto"]) == 2
+
+
+def test_importing_analysis_keeps_the_backend(tmp_path: Path) -> None:
+    """A notebook's backend survives importing the package and writing a report."""
+    path = make_grid_experiment(tmp_path)
+    code = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "import analysis, analysis.plots, analysis.report, analysis.study, analysis.__main__\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "analysis.report.write_report(sys.argv[1])\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "print('pyplot imported:', 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    env = {k: v for k, v in _env().items() if k != "MPLBACKEND"}
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Our figures are detached Figures: without an Optuna study pyplot is never even imported.
+    assert "pyplot imported: False" in proc.stdout
+    assert (path / "analysis" / "best_so_far.png").stat().st_size > 5000
+
+
+def test_markdown_tables() -> None:
+    df = pd.DataFrame({"a|b": ["x|y", "p\nq"], "value": [1.234567, float("nan")], "n": [3, 4]})
+    lines = render.md_table(df).splitlines()
+    assert len(lines) == 4 and lines[0].split() == ["|", "a\\|b", "|", "value", "|", "n", "|"]
+    assert lines[2].split() == ["|", "x\\|y", "|", "1.235", "|", "3", "|"]
+    assert lines[3].split() == ["|", "p", "q", "|", "NaN", "|", "4", "|"]  # one line per row
+    assert render.md_table(df.set_index("n"), index=True).splitlines()[0].split()[:2] == ["|", "n"]
 
 
 def test_not_an_experiment(tmp_path: Path) -> None:
@@ -574,3 +738,20 @@ def test_simple_importance() -> None:
     assert s.loc["cond", "n"] == 3 and s.loc["cond", "importance"] == pytest.approx(1.0)
     assert s["share"].sum() == pytest.approx(1.0)
     assert imp.iloc[-1]["param"] == "const"  # NaN last
+
+
+@slow
+def test_downstream_of_the_best_trials_in_the_report(exp_copy: Path) -> None:
+    """Every trial keeps its best epoch's weights; `--best` judges them and the report shows the table."""
+    from pcl_tune.evaluate.cli import main as evaluate_main
+
+    for trial in exp_copy.glob("trial_*"):
+        assert list(trial.glob("checkpoint_*/best.pt")), trial
+    assert evaluate_main(["--best", str(exp_copy), "--top", "2", "--task", "knn", "--split", "val"]) == 0
+    table = pd.read_csv(exp_copy / "downstream.csv")
+    exp = analysis.load(exp_copy)
+    leaders = exp.leaderboard(2)["trial_id"].tolist()
+    assert table["trial"].tolist() == [f"trial_{t}" for t in leaders] + ["random init"]
+    assert (table["task"] == "knn").all() and table["value"].between(0, 100).all()
+    md = (write_report(exp_copy).parent / "report.md").read_text()
+    assert "Downstream evaluation of the best trials" in md and "random init" in md

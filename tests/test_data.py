@@ -287,7 +287,7 @@ def test_image_folder_with_val_and_test_keeps_train_class_ids(tmp_path: Path) ->
 
 def test_load_datasets_folder_uses_load_size(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
     from pcl_tune.config import config_from_dict
-    from pcl_tune.train import load_datasets
+    from pcl_tune.data import load_datasets
 
     _write_classes(tmp_path / "train", ["a", "b"], 4)
     cfg = config_from_dict({**tiny_config, "data.dataset": "folder", "data.root": str(tmp_path),

@@ -2,7 +2,7 @@
 
 Every reference below works row by row with Python floats / numpy (no use of the vectorised code),
 so a disagreement points at the vectorised implementation (or at the reference, which is short
-enough to check by eye against RESEARCH.md sections 1-2 and the PCL paper).
+enough to check by eye against pcl_tune/METHOD.md §3-4 and the PCL paper).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def ref_topk(
     softmax_temperature: float = 0.1,
     eps: float = 1e-6,
 ) -> float:
-    """RESEARCH.md section 2: pull toward the K nearest prototypes, push the others beyond alpha."""
+    """pcl_tune/METHOD.md §4: pull toward the K nearest prototypes, push the others beyond alpha."""
     qn, pn = _np(q), _np(prototypes)
     b, m = qn.shape[0], pn.shape[0]
     total = 0.0

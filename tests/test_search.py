@@ -11,30 +11,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import tiny_settings
+
+from pcl_tune.config import unflatten
 
 pytestmark = pytest.mark.slow
 
-TINY_FIXED: dict[str, Any] = {
-    "epochs": 4,
-    "progress": False,
-    "data": {"dataset": "digits", "digits_copies": [1, 1, 1], "subset": 128, "num_workers": 0},
-    "model": {"width": 8, "queue_size": 128},
-    "optim": {"batch_size": 32},
-    "pcl": {"warmup_epochs": 1, "cluster_schedule": "4,8", "num_negatives": 16},
-    "clustering": {"nredo": 1, "niter": 5},
-    "eval": {"batch_size": 256},
-}
+# The search space's `fixed:` section: the tests' tiny config, smaller still (128 images, 4 and 8
+# clusters, 16 negatives), nested as a space file writes it. Threads come from the trial's CPUs,
+# and device and seed are left to the search.
+TINY_FIXED: dict[str, Any] = unflatten(tiny_settings(
+    {"epochs": 4, "data.subset": 128, "model.queue_size": 128, "pcl.cluster_schedule": "4,8",
+     "pcl.num_negatives": 16, "clustering.niter": 5},
+    without=("device", "threads", "seed"),
+))
 
 
 def _space(tmp_path: Path, *, lrs: list[float], num_samples: int, resources: dict[str, Any],
@@ -180,25 +184,78 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _processes() -> dict[int, tuple[int, str, bytes]]:
+    """pid -> (parent pid, state, command line) of every process on this machine (Linux ``/proc``)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:  # it ended meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) "; the name may hold spaces
+            table[int(entry.name)] = (int(fields[1]), fields[0], cmdline)
+    return table
+
+
+def _cluster_processes(roots: list[int], temp: str) -> set[int]:
+    """Live processes that belong to a test cluster: those started from its nodes' processes
+    (``roots``; workers rename themselves ``ray::...``), and any whose command line names its
+    temporary folder. Zombies (state Z) are dead and not counted."""
+    table = _processes()
+    mine = {pid for pid, (_, _, cmd) in table.items() if temp.encode() in cmd}
+    todo = [pid for pid in roots if pid in table]
+    while todo:
+        pid = todo.pop()
+        mine.add(pid)
+        todo += [child for child, (parent, _, _) in table.items() if parent == pid and child not in mine]
+    return {pid for pid in mine if pid in table and table[pid][1] != "Z"}
+
+
 @pytest.fixture
-def two_node_cluster(tmp_path: Path) -> Any:
-    """A head and a worker node on this machine. Teardown is `ray stop --force`, which stops every
-    Ray process on the machine: do not run this test beside a search of your own."""
-    ray = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
+def two_node_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, dict[str, str]]]:
+    """A head and a worker node on this machine, 2 CPUs each; yields (address, environment).
+
+    ``ray.cluster_utils.Cluster`` runs the nodes' processes as children of this test and stops
+    exactly those, so a Ray cluster of the user's on the same machine is left alone. Everything the
+    nodes write (sessions, sockets, the ``ray_current_cluster`` address file) lives in a temporary
+    folder of their own: short, because unix socket paths are limited to 107 bytes.
+    """
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="pclray_", dir="/tmp")
+    ray_dir = Path(temp) / "ray"  # where Ray puts its files under RAY_TMPDIR
+    ray_dir.mkdir()
     env = _env()
-    env["RAY_AUTH_MODE"] = "disabled"
-    head = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", "--node-ip-address=127.0.0.1",
-            f"--temp-dir=/tmp/pcl_tune_ray_{port}", "--disable-usage-stats"]  # short: unix socket paths
-    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
-    worker = [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-              "--disable-usage-stats"]
+    # No token auth: the search connects with --address and no token. RAY_TMPDIR moves the address
+    # file that Cluster writes (and deletes) away from the user's /tmp/ray.
+    env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=temp)
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)  # the nodes' processes inherit this process's environment
+    # Both nodes take this machine's address, as `ray start` does (it turns 127.0.0.1 into it too):
+    # a driver connecting to 127.0.0.1 is sent there.
+    node = {"num_cpus": 2, "temp_dir": str(ray_dir), "object_store_memory": 256 * 1024 * 1024}
+    cluster = Cluster(shutdown_at_exit=True)
     try:
-        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=180)
-        yield f"127.0.0.1:{port}", env
+        # The dashboard stays on, as in a user's cluster; its ports are free ones, not the defaults
+        # a user's cluster may hold.
+        cluster.add_node(**node, include_dashboard=True, dashboard_host="127.0.0.1",
+                         dashboard_port=_free_port(), dashboard_agent_listen_port=None)
+        cluster.add_node(**node)
+        cluster.wait_for_nodes(timeout=120)
+        yield cluster.address, env
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        roots = [info.process.pid for n in cluster.list_all_nodes() for infos in n.all_processes.values()
+                 for info in infos]
+        started = _cluster_processes(roots, temp)
+        cluster.shutdown()
+        # Idle workers of the search's trials exit once their raylet is gone: wait, then check.
+        _wait_for(lambda: not _cluster_processes(list(started), temp), 60)
+        left = _cluster_processes(list(started), temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"processes of the test cluster still running: {sorted(left)}"
 
 
 def test_existing_cluster_runs_trials_on_both_nodes(tmp_path: Path, two_node_cluster: Any) -> None:

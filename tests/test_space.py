@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ import optuna
 import pytest
 import yaml
 
+from pcl_tune.config import config_from_dict, merge
 from pcl_tune.search import make_plan
-from pcl_tune.space import SpaceError, load_space
+from pcl_tune.space import SearchSpace, SpaceError, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,8 +87,26 @@ def test_valid_space_parses(tmp_path: Path) -> None:
     assert [p.name for p in space.params] == ["optim.lr", "pcl.cluster_schedule", "pcl.proto_loss", "pcl.k"]
     lr = space.params[0]
     assert lr.log and lr.low == 0.01
-    cfg = space.trial_config({"optim.lr": 0.1, "pcl.k": 2})
+    cfg = config_from_dict(merge(space.fixed, {"optim.lr": 0.1, "pcl.k": 2}))
     assert cfg.optim.lr == 0.1 and cfg.pcl.k == 2 and cfg.epochs == 6
+
+
+def test_space_json_round_trip(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, BASE))
+    data = json.loads(json.dumps(space.to_json()))  # plain JSON types only
+    back = SearchSpace.from_json(data)
+    assert back.to_json() == data
+    assert back.params == space.params and back.param("pcl.k") == space.param("pcl.k")
+    assert back.params[3].when == (("pcl.proto_loss", ("topk",)),)
+    assert back.resolved_max_t() == space.resolved_max_t() == 6
+    assert back.rungs() == space.rungs() and back.rungs()[0] == space.grace_period
+    # A space.json of an earlier version (no seed, resources, ...) still reads, with the defaults.
+    old = {k: v for k, v in data.items() if k not in ("seed", "resources", "startup_trials", "path")}
+    assert SearchSpace.from_json(old, path=tmp_path / "space.json").num_samples == space.num_samples
+    with pytest.raises(SpaceError, match=r"params\[0\]"):
+        SearchSpace.from_json({**data, "params": [{"kind": "uniform"}]})
+    with pytest.raises(SpaceError, match="num_samples"):
+        SearchSpace.from_json({**data, "num_samples": "many"})
 
 
 def test_define_by_run_respects_conditions(tmp_path: Path) -> None:
@@ -127,6 +147,8 @@ def test_define_by_run_respects_conditions(tmp_path: Path) -> None:
         ({"asha/grace_period": 2}, "warm-up"),
         ({"objective/metric": "top5"}, "objective.metric"),
         ({"objective/mode": "maximise"}, "min or max"),
+        ({"objective/metric": "fewshot_5w1s", "fixed/eval/fewshot_episodes": 0}, "eval.fewshot_episodes >= 1"),
+        ({"fixed/eval/best_metric": "top5"}, "eval.best_metric"),
         ({"resources": {"executor": "k8s"}}, "resources.executor"),
         ({"searcher/algorithm": "cmaes"}, "searcher.algorithm"),
         ({"search/pcl.cluster_schedule": {"choice": [[5, 10], "5,10"]}}, "as strings"),
@@ -141,6 +163,11 @@ def test_validation_errors_name_key(tmp_path: Path, changes: dict[str, Any], fra
     assert str(path) in msg
     assert fragment in msg
     assert "\n" not in msg
+
+
+def test_fewshot_objective_is_accepted_when_produced(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, patched(**{"objective/metric": "fewshot_5w5s"})))
+    assert space.metric == "fewshot_5w5s"
 
 
 def test_condition_must_refer_to_earlier_param(tmp_path: Path) -> None:

@@ -16,15 +16,19 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_settings
 
 import pcl_tune.train as train_mod
 from pcl_tune.config import ConfigError, config_from_dict
+from pcl_tune.metrics import reported_metrics
 from pcl_tune.model import Encoder, MoCo, build_backbone, build_head
 from pcl_tune.train import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
-    Trainer,
+    CheckpointError,
+    RunState,
     TrainingDiverged,
+    checkpoint_history,
     format_epoch_line,
     train_loop,
 )
@@ -64,13 +68,7 @@ class Run:
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> Run:
     """Three epochs (one of warm-up) of the tiny config, with a recording callback."""
-    cfg = {
-        "device": "cpu", "threads": 1, "progress": False, "seed": 0, "epochs": 3,
-        "data.digits_copies": [1, 1, 1], "data.subset": 256, "data.num_workers": 0,
-        "optim.batch_size": 32, "model.width": 8, "model.queue_size": 256,
-        "clustering.nredo": 1, "clustering.niter": 10, "pcl.warmup_epochs": 1, "pcl.cluster_schedule": "5,10",
-        "eval.batch_size": 256,
-    }
+    cfg = tiny_settings()
     out = tmp_path_factory.mktemp("straight")
     run = Run(out, [])
     run.history = train_loop(cfg, out_dir=out, verbose=False,
@@ -187,11 +185,39 @@ def test_metrics_csv_has_documented_keys(straight_run: Run) -> None:
     assert len(straight_run.history) == 3
 
 
-def test_every_epoch_reports_the_same_keys_in_the_same_order(straight_run: Run) -> None:
-    # Tune's CSV logger maps a resumed trial's columns by the key order of its first new result.
-    orders = [list(m) for m in straight_run.history]
-    assert orders[0][:3] == ["epoch", "loss", "loss_inst"]
-    assert all(o == orders[0] for o in orders)  # epoch 1 is warm-up, epochs 2-3 use prototypes
+def test_every_epoch_reports_every_registered_metric(straight_run: Run) -> None:
+    keys = [set(m) for m in straight_run.history]
+    assert all(k == keys[0] for k in keys)  # epoch 1 is warm-up, epochs 2-3 use prototypes
+    assert set(reported_metrics(2)) <= keys[0]
+    assert set(DOCUMENTED_KEYS) <= keys[0]
+    # metrics.csv columns follow the registry's order.
+    columns = list(pd.read_csv(straight_run.out / "metrics.csv").columns)
+    assert columns[:4] == ["epoch", "loss", "loss_inst", "acc_inst"]
+    assert columns.index("knn_top1") < columns.index("time_epoch") < columns.index("loss_proto_0")
+
+
+def test_tune_reporter_orders_keys_and_replays_the_restored_epoch(straight_run: Run) -> None:
+    from pcl_tune.trials import tune_reporter
+
+    sent: list[tuple[dict[str, Any], Any]] = []
+    ckpt = straight_run.out / CHECKPOINT_DIR
+    callback = tune_reporter(lambda m, checkpoint: sent.append((m, checkpoint)), lambda p: ("ckpt", p), ckpt)
+    # The restored epoch (the run's last) is reported again first, without a checkpoint.
+    assert len(sent) == 1 and sent[0][1] is None
+    assert sent[0][0]["epoch"] == 3 and _differences(
+        {k: v for k, v in sent[0][0].items() if k != "node_id"}, straight_run.history[2]) == {}
+    # Tune's CSV logger maps a resumed trial's columns by the key order of its first new result:
+    # every report has one key order, warm-up or not, whatever order the loop built the dict in.
+    warm = dict(reversed(list(straight_run.history[0].items())))
+    callback(0, warm, None)
+    callback(2, straight_run.history[2], ckpt)
+    orders = [list(m) for m, _ in sent]
+    assert orders[0][:3] == ["epoch", "loss", "loss_inst"] and orders[1] == orders[0] == orders[2]
+    assert sent[2][1] == ("ckpt", str(ckpt))
+    # Without a checkpoint to restore from, nothing is replayed.
+    sent.clear()
+    tune_reporter(lambda m, checkpoint: sent.append((m, checkpoint)), lambda p: p, None)
+    assert sent == []
 
 
 def test_proto_metrics_nan_in_warmup_finite_after(straight_run: Run) -> None:
@@ -253,13 +279,8 @@ def test_exact_resume_matches_straight_run(straight_run: Run, tmp_path: Path) ->
     # Resuming a finished run trains nothing more.
     done = train_loop(cfg, out_dir=tmp_path, verbose=False, resume_from=tmp_path / CHECKPOINT_DIR)
     assert len(done) == 3 and all(_differences(a, b) == {} for a, b in zip(done, resumed))
-    # A search replays the restored epoch first, so a row its driver lost is logged again; on a
-    # finished run that is the only call.
-    replayed: list[tuple[int, dict[str, Any], Any]] = []
-    train_loop(cfg, out_dir=tmp_path, verbose=False, resume_from=tmp_path / CHECKPOINT_DIR, replay_last=True,
-               callback=lambda e, m, c: replayed.append((e, m, c)))
-    assert [(e, c) for e, _, c in replayed] == [(2, None)]
-    assert _differences(replayed[0][1], resumed[2]) == {}
+    # The checkpoint carries the history up to its epoch (what a search's reporter replays).
+    assert [m["epoch"] for m in checkpoint_history(tmp_path / CHECKPOINT_DIR)] == [1, 2, 3]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -271,7 +292,7 @@ def test_resume_on_cuda(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
 
 
 def test_resume_from_missing_checkpoint(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         train_loop(tiny_config, resume_from=tmp_path / "nothing", verbose=False)
 
 
@@ -303,7 +324,9 @@ def test_nan_loss_raises_training_diverged(tiny_config: dict[str, Any], tmp_path
 
 
 def test_nan_loss_from_the_loss_function(tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    real = train_mod.pcl_loss
+    import pcl_tune.train.epoch as epoch_mod
+
+    real = epoch_mod.pcl_loss
     calls = {"n": 0}
 
     def nan_after_two(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -311,7 +334,7 @@ def test_nan_loss_from_the_loss_function(tiny_config: dict[str, Any], monkeypatc
         calls["n"] += 1
         return (loss * math.nan if calls["n"] == 3 else loss), parts
 
-    monkeypatch.setattr(train_mod, "pcl_loss", nan_after_two)
+    monkeypatch.setattr(epoch_mod, "pcl_loss", nan_after_two)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, batch 3 \(lr 0\.01\)"):
         train_loop({**tiny_config, "epochs": 2}, verbose=False)
 
@@ -333,9 +356,9 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 def test_cli_end_to_end_and_refuses_existing_out(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
     out = tmp_path / "run"
-    sets = ["data.digits_copies=[1,1,1]", "data.subset=128", "data.num_workers=0", "optim.batch_size=32",
-            "model.width=8", "model.queue_size=256", "clustering.nredo=1", "clustering.niter=5", "progress=false",
-            "device=cpu", "threads=1", "pcl.warmup_epochs=1", "pcl.cluster_schedule=5,10", "eval.batch_size=256"]
+    sets = [f"{k}={v}" for k, v in tiny_settings({"data.subset": 128, "clustering.niter": 5},
+                                                  without=("seed", "epochs", "data.dataset", "data.digits_copies")).items()]
+    sets.append("data.digits_copies=[1,1,1]")
     base_args = [a for s in sets for a in ("--set", s)] + ["--out", str(out)]
     args = [*base_args, "--epochs", "2"]
     proc = _cli(args, subprocess_env, tmp_path)
@@ -377,13 +400,45 @@ def test_main_diverged_run_exits_1(tmp_path: Path, tiny_config: dict[str, Any],
 
 def test_augmentation_defaults_follow_the_dataset() -> None:
     base = {"device": "cpu", "threads": 1, "progress": False, "data.subset": 64, "model.width": 8}
-    digits = Trainer(config_from_dict(base)).augment
+    digits = RunState.build(config_from_dict(base)).augment
     # Digits are not mirror-symmetric: no flips by default; crops keep at least half the scene.
     assert digits.flip_p == 0.0 and digits.scale == (0.5, 1.0) and digits.rotation == 0.0 and digits.size == 16
-    custom = Trainer(config_from_dict({**base, "data.flip_p": 0.5, "data.rotation": 0.3,
-                                       "data.crop_min_scale": 0.2})).augment
+    custom = RunState.build(config_from_dict({**base, "data.flip_p": 0.5, "data.rotation": 0.3,
+                                              "data.crop_min_scale": 0.2})).augment
     assert custom.flip_p == 0.5 and custom.rotation == 0.3 and custom.scale == (0.2, 1.0)
     with pytest.raises(ConfigError, match="data.flip_p"):
         config_from_dict({**base, "data.flip_p": 1.5})
     with pytest.raises(ConfigError, match="data.rotation"):
         config_from_dict({**base, "data.rotation": -0.1})
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ({"optim.schedule": "step", "optim.lr_steps": [1, 3]}, [0.1, 0.1 * 0.1, 0.1 * 0.1, 0.1 * 0.1 ** 2]),
+    ({"optim.schedule": "cosine"}, [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]),
+])
+def test_lr_schedule_and_its_resume(schedule: dict[str, Any], expected: list[float]) -> None:
+    base = {"device": "cpu", "threads": 1, "data.subset": 64, "model.width": 8, "epochs": 4, "optim.lr": 0.1,
+            **schedule}
+    run = RunState.build(config_from_dict(base))
+    seen = []
+    for _ in range(4):
+        seen.append(run.lr_scheduler.get_last_lr()[0])
+        assert run.optimizer.param_groups[0]["lr"] == seen[-1]
+        run.optimizer.step()
+        run.lr_scheduler.step()
+    assert seen == pytest.approx(expected, rel=1e-12)
+    # A checkpoint after epoch 1 (0-based), with or without the scheduler's state (older
+    # checkpoints have none), resumes at epoch 2's learning rate.
+    for drop in (False, True):
+        first = RunState.build(config_from_dict(base))
+        for _ in range(2):
+            first.optimizer.step()
+            first.lr_scheduler.step()
+        state = first.state_dict(epoch=1)
+        if drop:
+            del state["lr_scheduler"]
+        again = RunState.build(config_from_dict(base))
+        again.load_state_dict(state)
+        assert again.start_epoch == 2
+        assert again.lr_scheduler.get_last_lr()[0] == pytest.approx(expected[2], rel=1e-12)
+        assert again.optimizer.param_groups[0]["lr"] == pytest.approx(expected[2], rel=1e-12)

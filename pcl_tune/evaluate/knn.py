@@ -1,4 +1,4 @@
-"""Judging an encoder on held-out data: weighted kNN, cluster agreement with labels.
+"""Weighted kNN and cluster agreement with labels, on tensors of frozen features.
 
 All functions take features and labels as tensors and return plain numbers. Accuracies are in
 percent. The search objective is computed on the ``val`` split; ``test`` is for the final report
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,7 +70,3 @@ def raw_pixel_features(images: Tensor) -> Tensor:
     x = images.float().flatten(1)
     x = x - x.mean(1, keepdim=True)
     return torch.nn.functional.normalize(x, dim=1)
-
-
-def as_numpy(x: Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy()

@@ -1,0 +1,55 @@
+"""Embedding a whole dataset with the frozen encoders (eval view), gathered by sample index.
+
+One pass serves two consumers: the momentum encoder's head embeddings feed the next epoch's
+clustering, and the judged encoder's backbone features feed the kNN bank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import distributed as dist_utils
+from ..augment import eval_transform
+from ..data import ImageDataset, iterate_batches
+from .state import RunState
+
+
+@torch.no_grad()
+def embed(run: RunState, dataset: ImageDataset, *, head: bool, backbone: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Eval-view embeddings of a whole dataset, identical on every rank.
+
+    Returns:
+        (head embeddings of the key encoder (N, low_dim), or None unless ``head``;
+        backbone features of the judged encoder (``eval.encoder``) (N, F), or None unless
+        ``backbone``), both L2-normalised, row i for sample i.
+    """
+    cfg, model = run.cfg, run.model
+    key_enc = model.encoder_k
+    judged = key_enc if cfg.eval.encoder == "key" else model.encoder_q
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    idx = dist_utils.shard(torch.arange(n), pad=True)
+    heads, feats = [], []
+    for _, images, _ in iterate_batches(dataset, idx, cfg.eval.batch_size, num_workers=cfg.data.num_workers):
+        x = eval_transform(images.to(run.device, non_blocking=True), run.data.image_size, run.data.mean,
+                           run.data.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+            if judged is key_enc:  # one backbone pass serves both outputs
+                f = key_enc.backbone(x)
+                if head:
+                    heads.append(F.normalize(key_enc.head(f).float(), dim=1))
+                if backbone:
+                    feats.append(F.normalize(f.float(), dim=1))
+            else:
+                if head:
+                    heads.append(key_enc(x).float())
+                if backbone:
+                    feats.append(judged.features(x).float())
+    model.train(was_training)
+    idx = idx.to(run.device)
+    h = dist_utils.gather_by_index(torch.cat(heads), idx, n) if head else None
+    b = dist_utils.gather_by_index(torch.cat(feats), idx, n) if backbone else None
+    return h, b

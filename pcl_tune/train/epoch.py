@@ -1,0 +1,81 @@
+"""One training epoch: MoCo v2 steps with InfoNCE plus, once clusters exist, the prototype loss."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import distributed as dist_utils
+from ..data import iterate_batches
+from ..losses import LevelBatch, pcl_loss
+from .prototypes import EpochClusters
+from .state import RunState
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; the message names the epoch and batch."""
+
+
+def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> dict[str, float]:
+    """Train ``epoch`` (0-based); returns the epoch's mean loss parts (accuracies in %), lr, throughput.
+
+    Every rank sees its strided share of one seeded permutation, so the epoch's batches do not
+    depend on how many ranks there are; the last partial batch is dropped, as MoCo does.
+    """
+    cfg, model = run.cfg, run.model
+    model.train()
+    lr = run.lr_scheduler.get_last_lr()[0]
+    n = len(run.data.train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    local = dist_utils.shard(perm, pad=True)
+    bs = min(cfg.optim.batch_size, local.numel())
+    num_batches = local.numel() // bs
+    sums: dict[str, float] = {}
+    seen = 0
+    t0 = time.perf_counter()
+    batches = iterate_batches(run.data.train, local[: num_batches * bs], bs, num_workers=cfg.data.num_workers)
+    # A bar on a terminal only (disable=None): quiet in logs, CI and Tune trials (progress=False there).
+    bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch",
+               disable=None if cfg.progress and dist_utils.is_main() else True)
+    for b, (index, images, _) in enumerate(bar):
+        images = images.to(run.device, non_blocking=True)
+        im_q = run.augment(images, run.aug_gen).contiguous(memory_format=torch.channels_last)
+        im_k = run.augment(images, run.aug_gen).contiguous(memory_format=torch.channels_last)
+        model.momentum_update()
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+            q = F.normalize(run.query_net(im_q).float(), dim=1)
+            k = model.keys(im_k, bn_splits=cfg.model.bn_splits, generator=run.aug_gen).float()
+        levels = []
+        if clusters is not None:
+            index = index.to(run.device)
+            levels = [LevelBatch(lv.centroids, lv.assignment[index], lv.concentration) for lv in clusters.levels]
+        loss, parts = pcl_loss(q, k, model.queue, levels, temperature=cfg.pcl.temperature, config=run.proto_cfg,
+                               proto_weight=cfg.pcl.proto_weight, generator=run.neg_gen)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
+                                   f"(lr {lr:.4g}); lower optim.lr or check the temperatures")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        model.enqueue(dist_utils.all_gather_cat(k.detach()))
+        for key, v in parts.items():
+            sums[key] = sums.get(key, 0.0) + float(v)
+        seen += images.shape[0]
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    run.lr_scheduler.step()
+    # Batch-norm running statistics are updated locally on every rank; make them rank 0's so
+    # features, kNN and the checkpoint do not depend on which rank computed what.
+    dist_utils.broadcast_buffers(model)
+    means = {k: v / max(1, num_batches) for k, v in sums.items()}
+    means = dist_utils.all_reduce_mean(means, run.device)
+    for key in list(means):
+        if key.startswith("acc_"):
+            means[key] *= 100.0
+    means["lr"] = lr
+    means["images_per_s"] = seen * run.world / max(1e-9, time.perf_counter() - t0)
+    return means

@@ -1,0 +1,200 @@
+"""The run state of one pretraining run and its checkpoint.
+
+:class:`RunState` holds everything an epoch reads or changes: the model (query and momentum
+encoders, queue), the optimiser and its lr schedule, the augmentation and negative-sampling
+RNG streams, the data and the per-epoch history. Its checkpoint restores all of it, so a resumed
+run continues bit for bit where the uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import distributed as dist_utils
+from ..augment import MoCoV2Augment
+from ..checkpoint import BEST_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, CHECKPOINT_METRICS, read_checkpoint
+from ..clustering import ClusterSchedule
+from ..config import OptimConfig, TrainConfig
+from ..data import DatasetSplits, augment_setting, load_datasets
+from ..losses import PrototypeLossConfig
+from ..model import MoCo
+
+log = logging.getLogger("pcl_tune.train")
+
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's CUDA device (``LOCAL_RANK`` under DDP) when there is one, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def lr_factor(optim: OptimConfig, epochs: int) -> Any:
+    """The epoch -> lr multiplier of ``optim.schedule`` (cosine to 0 over ``epochs``, or x0.1 steps).
+
+    Given to ``torch.optim.lr_scheduler.LambdaLR`` in closed form: ``CosineAnnealingLR``
+    computes the same curve recursively, which drifts by ~1e-15 and so changes training bitwise.
+    """
+    if optim.schedule == "cosine":
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    steps = tuple(optim.lr_steps)
+    return lambda epoch: 0.1 ** sum(epoch >= s for s in steps)
+
+
+@dataclass
+class RunState:
+    """Model, optimiser, RNG streams, data and history of one run (on this rank)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    data: DatasetSplits
+    schedule: ClusterSchedule
+    model: MoCo
+    query_net: torch.nn.Module
+    """The query encoder as trained: wrapped in DDP when the world is larger than one."""
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    augment: MoCoV2Augment
+    aug_gen: torch.Generator
+    """Augmentation (and shuffle-BN) draws; its own stream so that resuming restores it."""
+    neg_gen: torch.Generator
+    """ProtoNCE negative-prototype draws."""
+    proto_cfg: PrototypeLossConfig
+    amp: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+
+    @classmethod
+    def build(cls, cfg: TrainConfig) -> RunState:
+        """Seed, pick the device, load data, build the model (DDP-wrapped under DDP) and optimiser."""
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        rank, world = dist_utils.rank(), dist_utils.world_size()
+        data = load_datasets(cfg)
+        schedule = ClusterSchedule.parse(cfg.pcl.cluster_schedule)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        m = cfg.model
+        model = MoCo(m.backbone, m.head, m.low_dim, queue_size=m.queue_size, momentum=m.momentum,
+                     width=m.width, small_stem=m.small_stem).to(device)
+        if device.type == "cuda" or m.backbone == "small_cnn":
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        query_net: torch.nn.Module = model.encoder_q
+        if world > 1:
+            ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            query_net = torch.nn.parallel.DistributedDataParallel(model.encoder_q, **ddp_kwargs)
+        o = cfg.optim
+        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=o.lr, momentum=o.momentum,
+                                    weight_decay=o.weight_decay)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o, cfg.epochs))
+        augment = MoCoV2Augment(data.image_size, data.mean, data.std,
+                                scale=(augment_setting(cfg, "crop_min_scale"), 1.0),
+                                flip_p=augment_setting(cfg, "flip_p"), rotation=cfg.data.rotation)
+        return cls(
+            cfg=cfg, device=device, rank=rank, world=world, data=data, schedule=schedule, model=model,
+            query_net=query_net, optimizer=optimizer, lr_scheduler=lr_scheduler, augment=augment,
+            aug_gen=torch.Generator().manual_seed(cfg.seed * 7919 + 1 + rank),
+            neg_gen=torch.Generator().manual_seed(cfg.seed * 7919 + 2 + rank),
+            proto_cfg=PrototypeLossConfig.from_config(cfg.pcl, batch_size=o.batch_size),
+            amp=cfg.amp and device.type == "cuda",
+        )
+
+    # ---- checkpoint
+
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "aug_gen": self.aug_gen.get_state(),
+            "neg_gen": self.neg_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = int(state["epoch"]) + 1
+        if "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        else:  # a checkpoint written before the loop used a torch scheduler: the epoch says where it is
+            self.lr_scheduler.last_epoch = self.start_epoch - 1
+            with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                self.lr_scheduler.step()
+        self.aug_gen.set_state(state["aug_gen"])
+        self.neg_gen.set_state(state["neg_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        self.history = list(state.get("history", []))
+
+    def save_checkpoint(self, out_dir: Path | None, epoch: int, *, best: bool = False) -> Path | None:
+        """Write ``<out>/checkpoint/checkpoint.pt`` (and its metrics) atomically on rank 0; with
+        ``best``, also this epoch's weights as ``best.pt`` (what downstream evaluations load).
+
+        Returns the folder on rank 0, None elsewhere or without ``out_dir``.
+        """
+        if out_dir is None or not dist_utils.is_main():
+            return None
+        ckpt_dir = out_dir / CHECKPOINT_DIR
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_dir / (CHECKPOINT_FILE + ".tmp")
+        torch.save(self.state_dict(epoch), tmp)
+        os.replace(tmp, ckpt_dir / CHECKPOINT_FILE)
+        if best:
+            tmp = ckpt_dir / (BEST_FILE + ".tmp")
+            torch.save({"epoch": epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                        "metric": self.cfg.eval.best_metric, "value": self.history[-1].get(self.cfg.eval.best_metric)},
+                       tmp)
+            os.replace(tmp, ckpt_dir / BEST_FILE)
+        tmp = ckpt_dir / (CHECKPOINT_METRICS + ".tmp")
+        tmp.write_text(json.dumps(self.history, default=float))
+        os.replace(tmp, ckpt_dir / CHECKPOINT_METRICS)
+        return ckpt_dir
+
+    def resume(self, path: str | os.PathLike[str]) -> None:
+        """Continue from a checkpoint file or a folder holding ``checkpoint.pt``."""
+        p, state = read_checkpoint(path)
+        self.load_state_dict(state)
+        log.info("resumed from %s at epoch %d", p, self.start_epoch)
+
+
+def is_new_best(history: list[dict[str, Any]], metric: str) -> bool:
+    """Whether the last epoch of ``history`` has the best finite ``metric`` so far (ties: the earlier)."""
+    from ..metrics import direction
+
+    values = [m.get(metric, math.nan) for m in history]
+    last = values[-1] if values else math.nan
+    if not isinstance(last, (int, float)) or not math.isfinite(last):
+        return False
+    earlier = [v for v in values[:-1] if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not earlier:
+        return True
+    return last > max(earlier) if direction(metric) == "max" else last < min(earlier)
