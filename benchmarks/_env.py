@@ -99,3 +99,16 @@ def environment_lines(device: Any = None) -> list[str]:
 
 if __name__ == "__main__":
     print("\n".join(environment_lines()))
+
+
+def publish(text: str, out: str | os.PathLike[str], name: str, tables: dict[str, Any] | None = None) -> None:
+    """Print a benchmark's report and save it as ``<out>/<name>.md``, with each DataFrame of
+    ``tables`` as ``<out>/<key>.csv`` beside it."""
+    from pathlib import Path
+
+    print(text)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.md").write_text(text.rstrip("\n") + "\n")
+    for key, frame in (tables or {}).items():
+        frame.to_csv(folder / f"{key}.csv", index=False)

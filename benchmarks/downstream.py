@@ -8,9 +8,9 @@ random-initialised encoder of the same seed and raw pixels. Prints (and saves) o
 mean over seeds, a 95 % t-interval over seeds, and the seconds each protocol took.
 
 Then the cost of the per-epoch few-shot metrics: the same short run with
-``eval.fewshot_episodes`` 200 and 0, side by side, in this process.
+``eval.fewshot_episodes`` 200 and 0, alternated, in this process (``downstream_cost.md``).
 
-    python benchmarks/downstream.py [--seeds 3] [--epochs 200] [--threads 2] [--out benchmarks/results]
+    python benchmarks/downstream.py [--seeds 3] [--epochs 200] [--threads 2] [--part all|accuracy|cost]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from _env import environment_lines, publish
 from scipy import stats
 
 from pcl_tune.evaluate import (
@@ -35,11 +36,6 @@ from pcl_tune.evaluate import (
     semi_supervised,
 )
 from pcl_tune.train import BEST_FILE, CHECKPOINT_DIR, train_loop
-
-try:  # the benchmarks' shared environment header
-    from _env import environment_lines  # type: ignore[import-not-found]
-except ImportError:  # run from another folder
-    from benchmarks._env import environment_lines  # type: ignore[import-not-found,no-redef]
 
 
 def judge(features: dict[str, Any], labels: dict[str, np.ndarray], seed: int, episodes: int) -> list[dict[str, Any]]:
@@ -111,36 +107,37 @@ def main() -> None:
     ap.add_argument("--semi-epochs", type=int, default=30)
     ap.add_argument("--cost-epochs", type=int, default=30, help="epochs of each few-shot cost run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--part", choices=["all", "accuracy", "cost"], default="all")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     header = environment_lines()
     print("\n".join(header), flush=True)
-    df = pd.DataFrame([r for s in range(args.seeds) for r in one_seed(s, args)])
-    table = summarise(df)
-    cost = fewshot_cost(args)
-    on = cost.set_index("fewshot_episodes").loc[200]
-    off = cost.set_index("fewshot_episodes").loc[0]
-    share = (on["time_epoch"] - off["time_epoch"]) / off["time_epoch"] * 100
-    lines = [
-        "# Downstream protocols on the embedded default",
-        "", *header, "",
-        f"{args.seeds} pretraining seeds x {args.epochs} epochs (default config; mean pretraining "
-        f"{df['pretrain_s'].mean():.0f} s); best epoch by kNN on val; judged on the test split (digit classes "
-        f"pretraining saw, on images it never saw); few-shot {args.episodes} episodes, logistic classifier; "
-        f"semi-supervised: {args.semi_epochs} epochs on a class-balanced 10 % of train.",
-        "", table.to_markdown(index=False, floatfmt=".2f"), "",
-        f"Per-epoch few-shot metrics (200 episodes each of 5w1s and 5w5s, nearest class mean), {args.cost_epochs}-epoch "
-        "runs alternated on/off/on/off:", "", cost.to_markdown(index=False, floatfmt=".3f"), "",
-        f"Extra time per epoch with them on: {on['time_epoch'] - off['time_epoch']:.3f} s = {share:.1f} % of an epoch "
-        f"(evaluation {off['time_eval']:.3f} -> {on['time_eval']:.3f} s).",
-    ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "downstream.md").write_text(text + "\n")
-    df.to_csv(out / "downstream_runs.csv", index=False)
+    if args.part in ("all", "accuracy"):
+        df = pd.DataFrame([r for s in range(args.seeds) for r in one_seed(s, args)])
+        lines = [
+            "# Downstream protocols on the embedded default", "", *header, "",
+            f"{args.seeds} pretraining seeds x {args.epochs} epochs (default config; mean pretraining "
+            f"{df['pretrain_s'].mean():.0f} s); best epoch by kNN on val; judged on the test split (digit classes "
+            f"pretraining saw, on images it never saw); few-shot {args.episodes} episodes, logistic classifier; "
+            f"semi-supervised: {args.semi_epochs} epochs on a class-balanced 10 % of train.",
+            "", summarise(df).to_markdown(index=False, floatfmt=".2f"),
+        ]
+        publish("\n".join(lines), args.out, "downstream", {"downstream_runs": df})
+    if args.part in ("all", "cost"):
+        cost = fewshot_cost(args)
+        on, off = cost.set_index("fewshot_episodes").loc[200], cost.set_index("fewshot_episodes").loc[0]
+        share = (on["time_epoch"] - off["time_epoch"]) / off["time_epoch"] * 100
+        lines = [
+            "# Cost of the per-epoch few-shot metrics on the embedded default", "", *header, "",
+            f"fewshot_5w1s and fewshot_5w5s, 200 episodes each (nearest class mean on the val split's features, "
+            f"which the kNN evaluation computes anyway); {args.cost_epochs}-epoch runs of the default config, "
+            "alternated on / off / on / off, means per epoch:", "", cost.to_markdown(index=False, floatfmt=".3f"), "",
+            f"Extra time per epoch with them on: {on['time_epoch'] - off['time_epoch']:.3f} s = {share:.1f} % of an "
+            f"epoch (evaluation {off['time_eval']:.3f} -> {on['time_eval']:.3f} s, "
+            f"+{(on['time_eval'] - off['time_eval']) / off['time_epoch'] * 100:.1f} % of an epoch).",
+        ]
+        publish("\n".join(lines), args.out, "downstream_cost")
 
 
 if __name__ == "__main__":

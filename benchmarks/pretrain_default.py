@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _env import environment
+from _env import environment, publish
 
 from pcl_tune.config import config_from_dict
 from pcl_tune.evaluate import knn_accuracy, raw_pixel_features
@@ -87,12 +87,7 @@ def main() -> None:
         "",
         "Per epoch: " + ", ".join(f"{int(r.epoch)}: {r.knn_top1:.1f}" for r in hist.itertuples()),
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pretrain_default.md").write_text(text + "\n")
-    hist.to_csv(out / "pretrain_default_epochs.csv", index=False)
+    publish("\n".join(lines), args.out, "pretrain_default", {"pretrain_default_epochs": hist})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from _env import environment
+from _env import environment, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,11 +127,7 @@ def main() -> None:
                      f"overall best after {until[label]:.0f} epochs ({until[label] / full_epochs:.2f} of the full "
                      f"budget; the full-budget search needed {until[full_label]:.0f}).")
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "search_efficiency.md").write_text(text)
-    pd.concat(frames, ignore_index=True).to_csv(out / "search_efficiency_epochs.csv", index=False)
+    publish(text, args.out, "search_efficiency", {"search_efficiency_epochs": pd.concat(frames, ignore_index=True)})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _env import environment
+from _env import environment, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +66,7 @@ def main() -> None:
              "| how | wall s | ratio to plain |", "|---|---:|---:|"]
     lines += [f"| {name} | {w:.1f} | {w / plain:.2f} |" for name, w in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "search_overhead.md").write_text(text)
+    publish(text, args.out, "search_overhead")
 
 
 if __name__ == "__main__":

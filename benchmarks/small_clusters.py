@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _env import environment
+from _env import environment, publish
 
 from pcl_tune.train import train_loop
 
@@ -67,10 +67,7 @@ def main() -> None:
             f"acc_proto with duplicates 'none' can never exceed 100 x #unique positives / "
             f"batch (<= 7.8 % at 5 clusters, 15.6 % at 10); top-K reports the share of rows whose nearest "
             f"prototype is their own.\n\n" + md_table(df) + "\n")
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "small_clusters.md").write_text(text)
+    publish(text, args.out, "small_clusters")
 
 
 if __name__ == "__main__":

@@ -132,3 +132,20 @@ def test_module_entry_point(subprocess_env: dict[str, str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "pcl_tune.evaluate", "--help"], capture_output=True, text=True,
                           env=subprocess_env, timeout=120)
     assert proc.returncode == 0 and "--random-init" in proc.stdout
+
+
+def test_voc07_task_on_a_devkit_fixture(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_voc2007 import write_devkit
+
+    devkit = write_devkit(tmp_path / "voc")
+    out = tmp_path / "voc.json"
+    base = ["--checkpoint", str(run_dir / CHECKPOINT_DIR), "--task", "voc07", "--voc-root", str(devkit)]
+    with pytest.warns(UserWarning, match="left out of the mean AP"):
+        assert main([*base, "--voc-shots", "", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["setting"] for r in rows] == ["full"] and 0.0 <= rows[0]["mAP"] <= 100.0
+    # The fixture has a single positive image of most classes: 2-shot cannot be drawn.
+    assert main([*base, "--voc-shots", "2"]) == 2
+    assert "positive image(s) needed" in capsys.readouterr().err
+    assert main([*base[:-1], str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -124,6 +124,12 @@ def test_train_executor_two_workers_asha(tmp_path: Path) -> None:
     assert sorted(int(df["epoch"].max()) for df in trials.values()) == [2, 3]
     assert all(df["knn_top1"].notna().all() for df in trials.values())
     assert (exp / "train_runs").is_dir()
+    # Rank 0 keeps the best epoch's weights beside the latest checkpoint; --best finds them.
+    from pcl_tune.evaluate.best import best_checkpoint
+
+    for trial_dir in exp.glob("trial_*"):
+        found = best_checkpoint(exp, trial_dir)
+        assert found is not None and found.name == "best.pt", trial_dir
 
 
 def _wait_for(pred: Any, timeout: float) -> bool:

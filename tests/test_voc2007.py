@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -147,40 +148,32 @@ def _one_line(e: pytest.ExceptionInfo[BaseException]) -> str:
     return msg
 
 
-def test_missing_annotation_file(devkit: Path) -> None:
-    missing = devkit / "Annotations" / "000008.xml"
-    missing.unlink()
-    with pytest.raises(FileNotFoundError) as e:
-        voc2007(devkit, image_size=8)
-    msg = _one_line(e)
-    assert str(missing) in msg and "Annotations/<id>.xml" in msg
+def _delete(rel: str) -> Callable[[Path], Path]:
+    def change(devkit: Path) -> Path:
+        (devkit / rel).unlink()
+        return devkit / rel
+    return change
 
 
-def test_missing_split_file(devkit: Path) -> None:
-    missing = devkit / "ImageSets" / "Main" / "test.txt"
-    missing.unlink()
-    with pytest.raises(FileNotFoundError) as e:
-        voc2007(devkit, image_size=8)
-    msg = _one_line(e)
-    assert str(missing) in msg and "one image id per line" in msg
-
-
-def test_unknown_class(devkit: Path) -> None:
+def _unknown_class(devkit: Path) -> Path:
     bad = devkit / "Annotations" / "000002.xml"
     bad.write_text(_xml("000002", [("cat", False), ("unicorn", False)]))
-    with pytest.raises(ValueError) as e:
-        voc2007(devkit, image_size=8)
-    msg = _one_line(e)
-    assert str(bad) in msg and "'unicorn'" in msg
+    return bad
 
 
-def test_missing_image(devkit: Path) -> None:
-    missing = devkit / "JPEGImages" / "000003.jpg"
-    missing.unlink()
-    with pytest.raises(FileNotFoundError) as e:
+@pytest.mark.parametrize("change, error, fragments", [
+    (_delete("Annotations/000008.xml"), FileNotFoundError, ["Annotations/<id>.xml"]),
+    (_delete("ImageSets/Main/test.txt"), FileNotFoundError, ["one image id per line"]),
+    (_unknown_class, ValueError, ["'unicorn'"]),
+    (_delete("JPEGImages/000003.jpg"), FileNotFoundError, ["trainval.txt", "JPEGImages/<id>.jpg"]),
+], ids=["missing annotation", "missing split file", "unknown class", "missing image"])
+def test_broken_devkit_is_one_line_naming_the_file(devkit: Path, change: Callable[[Path], Path],
+                                                   error: type[Exception], fragments: list[str]) -> None:
+    culprit = change(devkit)
+    with pytest.raises(error) as e:
         voc2007(devkit, image_size=8)
     msg = _one_line(e)
-    assert str(missing) in msg and "trainval.txt" in msg and "JPEGImages/<id>.jpg" in msg
+    assert str(culprit) in msg and all(f in msg for f in fragments), msg
 
 
 def test_missing_folder_and_root(tmp_path: Path) -> None:

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[0.1], help="e.g. 0.01,0.1")
     p.add_argument("--semi-epochs", type=int, default=30)
     p.add_argument("--voc-root", help="VOC2007 devkit folder for --task voc07")
-    p.add_argument("--voc-shots", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16])
+    p.add_argument("--voc-shots", type=lambda s: [int(v) for v in s.split(",") if v.strip()], default=[1, 2, 4, 8, 16],
+                   help="k positives per class, e.g. 1,2,4,8,16 ('' for the full train set only)")
     p.add_argument("--voc-draws", type=int, default=5)
     return p
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[pcl_tune.evaluate] wrote {path}", file=sys.stderr)
         else:
             rows = evaluate_checkpoint(args.checkpoint, args, progress=say)
-    except (EvaluationError, ValueError) as e:
+    except (EvaluationError, ValueError, OSError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(_table(rows))

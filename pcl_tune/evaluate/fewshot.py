@@ -70,13 +70,20 @@ def draw_episodes(labels: np.ndarray, *, n_way: int, per_class: int, episodes: i
     if len(usable) < n_way:
         raise ValueError(f"{n_way}-way episodes need {n_way} classes with at least {per_class} images each; "
                          f"there are {len(usable)} (of {len(classes)} classes)")
-    members = {int(c): np.flatnonzero(labels == c) for c in usable}
+    # Vectorised over episodes (a per-episode loop of rng.choice cost ~0.1 ms a class, which made
+    # the per-epoch metric 3x dearer): classes by sorting random keys, then each chosen class's
+    # images by sorting random keys over its members, padding sorted last.
+    members = [np.flatnonzero(labels == c) for c in usable]
+    counts = np.array([len(m) for m in members])
+    padded = np.full((len(usable), counts.max()), -1, dtype=np.int64)
+    for i, m in enumerate(members):
+        padded[i, : len(m)] = m
     rng = np.random.default_rng(seed)
-    out = np.empty((episodes, n_way, per_class), dtype=np.int64)
-    for e in range(episodes):
-        for j, c in enumerate(rng.choice(usable, size=n_way, replace=False)):
-            out[e, j] = rng.choice(members[int(c)], size=per_class, replace=False)
-    return out
+    chosen = np.argsort(rng.random((episodes, len(usable))), axis=1)[:, :n_way]  # (E, n_way)
+    keys = rng.random((episodes, n_way, counts.max()))
+    keys[np.arange(counts.max()) >= counts[chosen][..., None]] = np.inf
+    picks = np.argsort(keys, axis=2)[:, :, :per_class]  # (E, n_way, per_class) positions in the class
+    return padded[chosen[..., None], picks]
 
 
 def _prototype_accuracies(x: np.ndarray, idx: np.ndarray, k_shot: int, chunk: int = 256) -> np.ndarray:

@@ -11,6 +11,7 @@ cross-validation on its own training images (not the test split) from :data:`COS
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,9 +56,17 @@ def _map(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: n
     aps = []
     for c in range(train_y.shape[1]):
         use = train_y[:, c] >= 0
-        svm = _fit_svm(train_x[use], train_y[use, c], costs, seed)
         keep = test_y[:, c] >= 0
+        if len(np.unique(train_y[use, c])) < 2 or not (test_y[keep, c] == 1).any():
+            aps.append(float("nan"))  # no SVM to fit, or no AP to measure (a subset of VOC)
+            continue
+        svm = _fit_svm(train_x[use], train_y[use, c], costs, seed)
         aps.append(average_precision(svm.decision_function(test_x[keep]), test_y[keep, c]))  # type: ignore[attr-defined]
+    if np.isnan(aps).all():
+        raise ValueError("no class has both positive and negative train images and a positive test image")
+    if np.isnan(aps).any():
+        warnings.warn(f"VOC07: {int(np.isnan(aps).sum())} class(es) without positive and negative train images or "
+                      "without a positive test image are left out of the mean AP", stacklevel=3)
     return float(np.nanmean(aps) * 100.0)
 
 
