@@ -250,13 +250,29 @@ def _downstream_section(exp: Experiment) -> list[Block]:
     if not path.is_file():
         return []
     table = pd.read_csv(path)
-    cols = [c for c in ("rank", "trial", f"search_{exp.metric}", "best_epoch", "task", "setting", "value", "ci95",
-                        "split") if c in table.columns]
+    key = f"search_{exp.metric}"
+    ids = [c for c in ("rank", "trial", key, "best_epoch") if c in table.columns]
+    cell = table.apply(lambda r: f"{r['value']:.1f}" + (f" ± {r['ci95']:.1f}" if pd.notna(r.get("ci95")) else ""),
+                       axis=1)
+    # One row per trial, one column per protocol setting (kNN and the probe have one setting each).
+    column = [t if t in ("knn", "linear") else f"{t} {s}" for t, s in zip(table["task"], table["setting"])]
+    rows = []
+    for _, g in table.assign(column=column, cell=cell).groupby("trial", sort=False):
+        row = {c: g[c].iloc[0] for c in ids}
+        row.update(zip(g["column"], g["cell"]))
+        rows.append(row)
+    wide = pd.DataFrame(rows)
+    for c in ("rank", "best_epoch"):
+        if c in wide.columns:
+            wide[c] = wide[c].astype("Int64")
+    wide = wide.astype(object).where(wide.notna(), "")  # the random-init row has no rank or search value
+    split = ", ".join(sorted(set(table["split"].astype(str)))) if "split" in table.columns else "held-out"
     return [Block("h2", "Downstream evaluation of the best trials"),
             Block("p", f"From `{DOWNSTREAM_CSV}` (`python -m pcl_tune.evaluate --best {exp.path}`): each trial's "
-                       "best-epoch weights on the held-out split, accuracies / mAP in %, beside a random-initialised "
-                       "encoder of the same architecture."),
-            Block("table", table=table[cols])]
+                       f"best-epoch weights judged on the {split} split (accuracy or mAP in %, ± the 95 % interval "
+                       "over episodes where there is one), beside a random-initialised encoder of the same "
+                       "architecture."),
+            Block("table", table=wide)]
 
 
 def build_blocks(exp: Experiment, figures: Figures, imp: Importance, top: int, best_yaml: Path,
