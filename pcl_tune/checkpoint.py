@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 CHECKPOINT_METRICS = "metrics.json"
+
+
+_np_core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+_NUMPY_ARRAY_GLOBALS = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+"""What unpickling ``np.random.get_state()``'s uint32 key array needs, and nothing more."""
 
 
 class CheckpointError(ValueError):
@@ -43,7 +50,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only, never arbitrary pickled objects; the
+        # one extra type a run state holds is the numpy array of numpy's RNG state.
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle at all, or a damaged one
+            raise CheckpointError(f"{p}: not a readable checkpoint (not a torch.save file)") from None
+        raise CheckpointError(f"{p}: holds pickled Python objects besides tensors and plain values; pcl_tune loads "
+                              "checkpoints with torch.load(weights_only=True) and will not run that code") from None
     except Exception as e:  # a truncated or foreign file: one line, not a traceback
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{p}: not a readable checkpoint ({type(e).__name__}: {first})") from None

@@ -442,3 +442,27 @@ def test_lr_schedule_and_its_resume(schedule: dict[str, Any], expected: list[flo
         assert again.start_epoch == 2
         assert again.lr_scheduler.get_last_lr()[0] == pytest.approx(expected[2], rel=1e-12)
         assert again.optimizer.param_groups[0]["lr"] == pytest.approx(expected[2], rel=1e-12)
+
+
+class _TouchesWhenUnpickled:
+    """Unpickling this calls ``Path.touch(marker)``: proof that pickled code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path: Path, straight_run: Run) -> None:
+    from pcl_tune.checkpoint import read_checkpoint
+
+    _, state = read_checkpoint(straight_run.out / CHECKPOINT_DIR)  # a real run state, numpy RNG included
+    assert state["epoch"] == 2 and state["numpy_rng"][0] == "MT19937"
+    marker = tmp_path / "code_ran"
+    torch.save({**state, "extra": _TouchesWhenUnpickled(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        train_loop(tiny_settings(), resume_from=tmp_path / "evil.pt", verbose=False)
+    assert not marker.exists()
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the unsafe load would have run it
+    assert marker.exists()
