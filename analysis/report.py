@@ -244,7 +244,7 @@ def _trials_section(exp: Experiment, figs: Figures, saved: list[Path]) -> list[B
 
 def _downstream_section(exp: Experiment) -> list[Block]:
     """``downstream.csv`` (``python -m pcl_tune.evaluate --best``), when it exists."""
-    from pcl_tune.evaluate.best import DOWNSTREAM_CSV
+    from pcl_tune.experiment_folder import DOWNSTREAM_CSV
 
     path = exp.path / DOWNSTREAM_CSV
     if not path.is_file():

@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pcl_tune.experiment_folder import TRIAL_PREFIX
+from pcl_tune.experiment_folder import PROGRESS_CSV, RESULT_JSON, TRIAL_PREFIX
 
 from .errors import Notes
 from .tune_state import TrialState
 
-RESULT_JSON = "result.json"
-PROGRESS_CSV = "progress.csv"
 PARAMS_JSON = "params.json"
 ERROR_FILES = ("error.txt", "error.pkl")
 

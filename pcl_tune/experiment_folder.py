@@ -10,17 +10,18 @@ and the one definition of "the best trial".
 * Tune's own files: ``experiment_state-*.json``, ``tuner.pkl`` and one ``trial_<id>/`` folder per
   trial (``params.json``, ``result.json``, ``progress.csv``, checkpoints, ``error.txt``);
 * ``train_runs/``: Ray Train's run folders (train executor);
-* at the end: ``trials.csv``, ``best.yaml`` (the best trial's full config) and the report.
+* at the end: ``trials.csv``, ``best.yaml`` (the best trial's full config) and the report;
+  ``downstream.csv`` once ``python -m pcl_tune.evaluate --best`` has judged the best trials.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .config import merge, read_yaml
@@ -32,7 +33,11 @@ OPTUNA_DB = "optuna.db"
 TRAIN_RUNS = "train_runs"
 TRIALS_CSV = "trials.csv"
 BEST_YAML = "best.yaml"
+DOWNSTREAM_CSV = "downstream.csv"
 TRIAL_PREFIX = "trial_"
+RESULT_JSON = "result.json"
+PROGRESS_CSV = "progress.csv"
+"""Tune's per-trial results, inside each ``trial_<id>/``."""
 
 
 def write_space_json(exp_dir: Path, space: SearchSpace, run: dict[str, Any]) -> Path:
@@ -89,7 +94,7 @@ def best_epoch(epochs: pd.DataFrame, metric: str, mode: str) -> Best | None:
     if metric not in epochs.columns or epochs.empty:
         return None
     values = pd.to_numeric(epochs[metric], errors="coerce")
-    values = values[values.map(lambda v: math.isfinite(v))]
+    values = values[np.isfinite(values)]
     if values.empty:
         return None
     idx = values.idxmax() if mode == "max" else values.idxmin()

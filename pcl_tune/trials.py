@@ -19,13 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import CHECKPOINT_FILE
+
 
 def _stage_checkpoint(checkpoint: Any, staging: Path) -> Path | None:
     """Copy a Ray checkpoint's files into a local staging folder; return it (None without one)."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        if not (Path(d) / "checkpoint.pt").is_file():
+        if not (Path(d) / CHECKPOINT_FILE).is_file():
             return None
         shutil.copytree(d, staging, dirs_exist_ok=True)
         return staging

@@ -17,17 +17,15 @@ from typing import Any
 import pandas as pd
 
 from .. import experiment_folder as F
+from ..checkpoint import BEST_FILE
 from .encoder import EvaluationError
-
-BEST_FILE = "best.pt"
-DOWNSTREAM_CSV = "downstream.csv"
 
 
 def trial_best_values(exp_dir: Path, metric: str, mode: str) -> pd.DataFrame:
     """One row per trial folder with a result: ``trial_id``, ``trial_dir``, ``best_value``, ``best_epoch``."""
     rows = []
     for d in sorted(exp_dir.glob(f"{F.TRIAL_PREFIX}*")):
-        progress = d / "progress.csv"
+        progress = d / F.PROGRESS_CSV
         if not d.is_dir() or not progress.is_file() or progress.stat().st_size == 0:
             continue
         df = pd.read_csv(progress)
@@ -77,6 +75,6 @@ def evaluate_best(exp_dir: Path, args: argparse.Namespace,
     baseline = argparse.Namespace(**{**vars(args), "random_init": True})
     for r in evaluate_checkpoint(first_ckpt, baseline, progress):
         rows.append({"rank": None, "trial": "random init", f"search_{space.metric}": None, "best_epoch": None, **r})
-    path = exp_dir / DOWNSTREAM_CSV
+    path = exp_dir / F.DOWNSTREAM_CSV
     pd.DataFrame(rows).to_csv(path, index=False)
     return rows, path
