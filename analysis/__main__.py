@@ -21,6 +21,7 @@ import pandas as pd
 from .errors import AnalysisError, AnalysisWarning
 from .experiment import Experiment, compare, load
 from .importance import EVALUATORS, MIN_TRIALS
+from .tables import STATUSES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,24 +48,52 @@ def _show(df: pd.DataFrame, index: bool = False) -> str:
         return df.to_string(index=index)
 
 
+def print_verdicts(exp: Experiment) -> None:
+    """An ablation's paired verdicts (every metric), or a search's best PCL trial against its MoCo
+    v2 baseline: what the researcher should read first."""
+    if exp.space.is_ablation:
+        print(f"verdicts (paired differences over seeds at the full budget, epoch {exp.max_t}; 95 % paired-t "
+              "intervals):")
+        for metric in exp.verdict_metrics():
+            res = exp.verdicts(metric)
+            if res is None:
+                continue
+            for v in ([res.baseline] if res.baseline else []) + res.verdicts:
+                print(f"  {v.sentence()}")
+            if res.missing:
+                print(f"  ({metric}: not counted, not finished: {', '.join(res.missing)})")
+        print()
+        return
+    check = exp.baseline_check()
+    if check is not None:
+        print(f"{check.sentence().replace('**', '')}\n")
+
+
 def print_experiment(exp: Experiment, top: int, evaluator: str, min_trials: int) -> None:
     comp = exp.compute().iloc[0]
-    best = exp.best()
     state = "complete" if exp.complete else "still running or interrupted (partial results)"
-    counts = ", ".join(f"{int(comp[s])} {s}" for s in ("finished", "stopped", "errored", "running") if comp[s])
+    counts = ", ".join(f"{int(comp[s])} {s}" for s in STATUSES if comp[s])
     print(f"== {exp.path}  ({exp.space.name}; {state})")
+    print_verdicts(exp)
+    best = exp.best()
     print(f"trials: {len(exp.trials)} ({counts}); objective: {exp.mode} {exp.metric}")
     print(f"best {exp.metric} = {best.value:.4g} in trial {best.trial_id} ({best.status}) at epoch {best.epoch}")
     for k, v in sorted(best.params.items()):
         print(f"    {k:28s} {v!r}")
     print(f"\nleaderboard (top {top}):\n{_show(exp.leaderboard(top))}")
+    print(exp.noise().describe())
     imp = exp.importance(evaluator=evaluator, min_trials=min_trials)
-    print(f"\nparameter importance: {imp.describe()}\n{_show(imp.table)}")
+    print(f"\nparameter importance, as the searcher saw the trials: {imp.describe()}\n{_show(imp.table)}")
+    for like in exp.like_for_like_importance(evaluator=evaluator, min_trials=min_trials):
+        print(f"\nparameter importance, like for like: {like.describe()}\n{_show(like.table)}")
     print(f"\neffect of each parameter on the trials' best {exp.metric}:\n{_show(exp.effects())}")
     print(f"\ncompute: {int(comp['epochs_spent'])} epochs spent of {comp['epochs_full_budget']:.0f} at full budget "
           f"(max_t {comp['max_t']:.0f}); saved fraction {comp['saved_fraction']:.1%}")
-    for name, table in exp.comparisons().items():
-        print(f"\ncomparison by {name} (mean, 95% t-interval over {exp.replicates}):\n{_show(table)}")
+    for c in exp.comparisons():
+        conf = (f"; confounded with: {', '.join(c.confounders)} (a controlled comparison: an ablation, e.g. "
+                "search_spaces/loss_ablation.yaml)") if c.confounders else ""
+        print(f"\ncomparison by {c.name}, {c.budget} (mean, 95% t-interval over {exp.replicates}; fewer than 3: "
+              f"the points){conf}:\n{_show(c.table)}")
 
 
 def main(argv: list[str] | None = None) -> int:

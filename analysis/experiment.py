@@ -12,9 +12,9 @@ import pandas as pd
 
 from pcl_tune import experiment_folder
 from pcl_tune.experiment_folder import BEST_YAML, OPTUNA_DB, Best, best_epoch
-from pcl_tune.space import SearchSpace
+from pcl_tune.space import ARM_KEY, BASELINE_ARM, SearchSpace
 
-from . import summaries
+from . import summaries, verdicts
 from .errors import AnalysisError, EmptyExperimentError
 from .importance import MIN_TRIALS, Importance, compute_importance
 from .loader import FolderContents, read_experiment
@@ -111,6 +111,21 @@ class Experiment:
             extra += [k for k in t.params if k not in names and k not in extra]
         return [p for p in names if p in self.trials.columns] + extra
 
+    @property
+    def pcl_trials(self) -> pd.DataFrame:
+        """:attr:`trials` without the MoCo v2 baseline trial(s) (arm ``moco_v2``): what the
+        parameter summaries (effects, importance, loss comparisons) are computed on."""
+        if ARM_KEY not in self.trials.columns:
+            return self.trials
+        return self.trials[self.trials[ARM_KEY].astype(str) != BASELINE_ARM]
+
+    @property
+    def searched_params(self) -> list[str]:
+        """The searched parameters (the space's, when it is known; else :attr:`params`)."""
+        if self.space_inferred or not self.space.params:
+            return [p for p in self.params if p != ARM_KEY]
+        return [p for p in self.space.param_names if p in self.trials.columns]
+
     def is_numeric(self, param: str) -> bool:
         """Whether a searched parameter is a numeric range (else categorical)."""
         spec = self.space.param(param)
@@ -189,8 +204,21 @@ class Experiment:
 
     # ------------------------------------------------------------------ summaries
     def leaderboard(self, top: int = 10) -> pd.DataFrame:
-        """Top trials by objective; columns in :func:`analysis.summaries.leaderboard`."""
-        return summaries.leaderboard(self.trials, self.objective_col, self.mode, top, self.params)
+        """Top trials by objective; columns in :func:`analysis.summaries.leaderboard`, plus ``arm``
+        (``moco_v2`` marks the baseline), ``gap`` (behind the best, in the objective's unit) and
+        ``vs_best`` (``"within noise"`` when the gap is below :meth:`noise`'s resolution)."""
+        board = summaries.leaderboard(self.trials, self.objective_col, self.mode, top, self.params)
+        if not len(board):
+            return board
+        best = board[self.objective_col].iloc[0]
+        gap = (best - board[self.objective_col]) if self.mode == "max" else (board[self.objective_col] - best)
+        res = self.noise().resolution
+        pos = board.columns.get_loc(self.objective_col) + 1
+        board.insert(pos, "gap", gap)
+        board.insert(pos + 1, "vs_best", ["best" if i == 0 else ("within noise" if (not math.isnan(res) and g < res)
+                                                                 else ("" if math.isnan(res) else "behind"))
+                                          for i, g in enumerate(gap)])
+        return board
 
     def best_so_far(self) -> pd.DataFrame:
         """Objective per trial in start order with the running best (:func:`summaries.best_so_far`)."""
@@ -198,24 +226,104 @@ class Experiment:
 
     def effects(self, bins: int = 4) -> pd.DataFrame:
         """Objective statistics per parameter value (:func:`summaries.effects`)."""
-        return summaries.effects(self.trials, self.params, self.objective_col, bins, self.choice_orders())
+        return summaries.effects(self.pcl_trials, self.searched_params, self.objective_col, bins, self.choice_orders())
 
     def compute(self) -> pd.DataFrame:
         """Compute accounting, one row (:func:`summaries.compute_accounting`)."""
         return summaries.compute_accounting(self.trials, self.max_t, self.epochs)
 
-    def comparisons(self, confidence: float = 0.95) -> dict[str, pd.DataFrame]:
-        """Duplicate-handling / prototype-loss tables with t-intervals over seeds
-        (:func:`summaries.loss_comparisons`); empty when neither setting varies."""
+    def comparisons(self, confidence: float = 0.95) -> list[verdicts.GroupComparison]:
+        """Duplicate-handling / prototype-loss tables (:func:`summaries.loss_comparisons`), each at
+        one budget so that like is compared with like: on finished trials at the full budget, and,
+        when ASHA stopped some trials, on every trial at the largest epoch all of them reached. Each
+        names the other searched parameters that differ between its groups (confounders). Empty
+        when neither setting varies, and for an ablation (see :meth:`verdicts`)."""
         from pcl_tune.config import flatten, unflatten
 
+        if self.space.is_ablation:
+            return []
         fixed_loss = flatten(unflatten(self.space.fixed)).get(summaries.PROTO_LOSS)
-        return summaries.loss_comparisons(self.trials, self.objective_col, self.mode, confidence,
-                                          self.choice_orders(), fixed_loss=fixed_loss)
+        out: list[verdicts.GroupComparison] = []
+        for budget, values in self.budget_views():
+            d = self.pcl_trials[self.pcl_trials["trial_id"].isin(values.index)].copy()
+            d["_value"] = d["trial_id"].map(values)
+            for name, table in summaries.loss_comparisons(d, "_value", self.mode, confidence, self.choice_orders(),
+                                                          fixed_loss=fixed_loss).items():
+                by = [c for c in table.columns if c in d.columns or c == "loss_variant"]
+                if "loss_variant" in by:
+                    d["loss_variant"] = d[summaries.PROTO_LOSS].astype(str)
+                    if summaries.DUPLICATES in d.columns and d[summaries.DUPLICATES].astype(str).nunique() > 1:
+                        uses = d[summaries.PROTO_LOSS].isin(summaries.USES_DUPLICATES)
+                        d.loc[uses, "loss_variant"] += " / " + d.loc[uses, summaries.DUPLICATES].astype(str)
+                compared = by + ([summaries.PROTO_LOSS, summaries.DUPLICATES] if "loss_variant" in by else [])
+                sub = d[d[summaries.PROTO_LOSS].isin(summaries.USES_DUPLICATES)] if (
+                    name == "duplicates" and summaries.PROTO_LOSS in d.columns) else d
+                out.append(verdicts.GroupComparison(
+                    name, budget, verdicts.with_points(table, sub, by, "_value"),
+                    verdicts.confounders(sub, compared, self.space.params), by))
+        return out
+
+    def budget_views(self) -> list[tuple[str, pd.Series]]:
+        """(label, each trial's objective at that budget) for like-for-like comparisons: finished
+        trials at the full budget, and, when trials stopped early, every trial at the largest epoch
+        all reached (ASHA's first rung, usually)."""
+        views = []
+        final = verdicts.final_values(self.pcl_trials, self.epochs, self.metric, self.max_t)
+        if len(final):
+            views.append((f"finished trials ({len(final)}) at their last epoch ({self.max_t or 'full budget'})", final))
+        ran = self.pcl_trials[(self.pcl_trials["epochs"] > 0) & (self.pcl_trials["status"] != "errored")]
+        if len(ran) and (ran["status"] == "stopped").any():
+            common = int(ran["epochs"].min())
+            at = verdicts.values_at(self.epochs, self.metric, common)
+            at = at[at.index.isin(ran["trial_id"])]
+            views.append((f"all {len(at)} trials at epoch {common} (the largest epoch every trial reached)", at))
+        return views
+
+    # ------------------------------------------------------------------ verdicts
+    def noise(self) -> verdicts.Noise:
+        """How precisely the objective is measured (binomial error on the validation split, seed
+        spread): :func:`analysis.verdicts.objective_noise`."""
+        from pcl_tune.data import val_size
+
+        try:
+            n_val = val_size(self.space.base_config())
+        except Exception:  # an inferred or foreign space: the size stays unknown
+            n_val = None
+        values = self.trials.set_index("trial_id")[self.objective_col]
+        if self.space.is_ablation:
+            values = verdicts.final_values(self.trials, self.epochs, self.metric, self.max_t)
+        t = self.trials.set_index("trial_id").loc[values.index].assign(_v=values)
+        return verdicts.objective_noise(t, self.metric, "_v", n_val,
+                                        [p for p in self.params if p != "seed"])
+
+    def baseline_check(self) -> verdicts.BaselineCheck | None:
+        """The best PCL trial against the MoCo v2 baseline trial at equal budget (TPE searches);
+        None without a baseline trial."""
+        return verdicts.baseline_check(self.trials, self.epochs, self.metric, self.noise())
+
+    def verdicts(self, metric: str | None = None) -> verdicts.AblationResult | None:
+        """The paired verdicts of an ablation for ``metric`` (default: the objective); None for a
+        search that is not an ablation (no ``ablation`` section, or no seed column)."""
+        if not self.space.is_ablation or "seed" not in self.trials.columns:
+            return None
+        metric = metric or self.metric
+        if metric not in self.epochs.columns:
+            raise AnalysisError(f"{self.path}: no trial reported {metric!r}")
+        values = verdicts.final_values(self.trials, self.epochs, metric, self.max_t)
+        return verdicts.ablation_verdicts(self.trials, values, metric, self.space.param_names, self.choice_orders(),
+                                          self.space.reference or (next(iter(self.space.arms), None)))
+
+    def verdict_metrics(self) -> list[str]:
+        """Metrics an ablation gives verdicts for: ``ablation.metrics`` that were reported, else the
+        objective."""
+        wanted = self.space.ablation_metrics or [self.metric]
+        return [m for m in dict.fromkeys([self.metric] + wanted) if m in self.epochs.columns]
 
     def choice_orders(self) -> dict[str, list[Any]]:
         """The listed order of each choice parameter's values (tables and plots follow it)."""
-        return {p.name: list(p.choices) for p in self.space.params if p.kind == "choice"}
+        orders: dict[str, list[Any]] = {p.name: list(p.choices) for p in self.space.params if p.kind == "choice"}
+        orders[ARM_KEY] = list(self.space.arms) + [BASELINE_ARM]
+        return orders
 
     @property
     def replicates(self) -> str:
@@ -232,9 +340,37 @@ class Experiment:
     def importance(self, evaluator: str = "fanova", min_trials: int = MIN_TRIALS, seed: int = 0) -> Importance:
         """Parameter importance: Optuna's ``evaluator`` on ``optuna.db`` (fANOVA by default) when the
         study has at least ``min_trials`` completed trials, else the labelled simple fallback."""
-        return compute_importance(self.trials, {p: self.is_numeric(p) for p in self.params}, self.objective_col,
+        return compute_importance(self.pcl_trials, {p: self.is_numeric(p) for p in self.searched_params},
+                                  self.objective_col,
                                   db=self.path / OPTUNA_DB, study_name=self.space.name, use_study=self.own_objective,
                                   evaluator=evaluator, min_trials=min_trials, seed=seed)
+
+    def like_for_like_importance(self, evaluator: str = "fanova", min_trials: int = MIN_TRIALS,
+                                 seed: int = 0) -> list[Importance]:
+        """Importance on values at one budget (:func:`analysis.importance.importance_on_values`):
+        every trial's objective at the first ASHA rung, and finished trials at the full budget (the
+        baseline trial left out: its ``pcl.proto_weight`` is not searched). Empty for an ablation."""
+        if self.space.is_ablation or not self.space.params:
+            return []
+        from .importance import importance_on_values
+
+        pcl = self.pcl_trials
+        out = []
+        rungs = self.rungs()
+        if rungs:
+            at = verdicts.values_at(self.epochs, self.metric, rungs[0])
+            at = at[at.index.isin(pcl["trial_id"])]
+            out.append(importance_on_values(pcl, self._signed(at), self.space.params,
+                                            f"every trial's {self.metric} at the first ASHA rung (epoch {rungs[0]})",
+                                            evaluator=evaluator, min_trials=min_trials, seed=seed))
+        final = verdicts.final_values(pcl, self.epochs, self.metric, self.max_t)
+        out.append(importance_on_values(pcl, self._signed(final), self.space.params,
+                                        f"finished trials' {self.metric} at the full budget (epoch {self.max_t})",
+                                        evaluator=evaluator, min_trials=min_trials, seed=seed))
+        return out
+
+    def _signed(self, values: pd.Series) -> pd.Series:
+        return values if self.mode == "max" else -values
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers for side-by-side comparisons (see :func:`analysis.compare`)."""
@@ -247,7 +383,8 @@ class Experiment:
         return {"experiment": self.path.name, "path": str(self.path), "name": self.space.name,
                 "metric": self.metric, "mode": self.mode, "best": best_value, "best_trial": best_trial,
                 "trials": int(comp["trials"]), "finished": int(comp["finished"]), "stopped": int(comp["stopped"]),
-                "errored": int(comp["errored"]), "running": int(comp["running"]), "max_t": comp["max_t"],
+                "errored": int(comp["errored"]), "running": int(comp["running"]),
+                "pending": int(comp["pending"]), "max_t": comp["max_t"],
                 "epochs_spent": int(comp["epochs_spent"]), "epochs_full_budget": comp["epochs_full_budget"],
                 "saved_fraction": comp["saved_fraction"], "train_time_s": comp["train_time_s"],
                 "complete": self.complete}
@@ -308,7 +445,7 @@ def compare(experiments: list[Experiment]) -> pd.DataFrame:
 
     Columns: ``experiment`` (folder name), ``path``, ``name`` (space name), ``metric``, ``mode``,
     ``best`` (best objective over all epochs), ``best_trial``, ``trials``, ``finished``,
-    ``stopped``, ``errored``, ``running``, ``max_t``, ``epochs_spent``, ``epochs_full_budget``,
+    ``stopped``, ``errored``, ``running``, ``pending``, ``max_t``, ``epochs_spent``, ``epochs_full_budget``,
     ``saved_fraction``, ``train_time_s``, ``complete``.
     """
     return pd.DataFrame([e.summary() for e in experiments])

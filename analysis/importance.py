@@ -9,16 +9,25 @@ trial, so conditional parameters drop out of its ranking.
 Without a study (grid search), with too few completed trials, or for a metric other than the
 search's objective, :func:`analysis.summaries.simple_importance` is used instead, and the result
 says so.
+
+The study's values mix budgets: under ASHA most trials stop at the first rung, so a model fitted on
+them mostly learns which settings *start* fast. :func:`importance_on_values` fits the same
+evaluator on like-for-like values instead (an in-memory study built from the trials table): every
+trial's objective at the first ASHA rung, and, separately, finished trials at the full budget.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+from pcl_tune.space import Param
 
 from .study import completed, open_study
 from .summaries import simple_importance
@@ -128,3 +137,58 @@ def compute_importance(trials: pd.DataFrame, params: dict[str, bool], objective_
     notes = notes + [f"Fallback over {n} trial(s) using each trial's best objective; scores of the two kinds "
                      "are not comparable with each other, and few trials make them noisy."]
     return Importance(table, SIMPLE_METHOD, None, notes, seed)
+
+
+def _distribution(p: Param) -> Any:
+    import optuna.distributions as od
+
+    if p.kind == "choice":
+        return od.CategoricalDistribution(list(p.choices))
+    if p.kind == "int":
+        return od.IntDistribution(int(p.low), int(p.high), log=p.log, step=p.step or 1)  # type: ignore[arg-type]
+    return od.FloatDistribution(float(p.low), float(p.high), log=p.log)  # type: ignore[arg-type]
+
+
+def importance_on_values(trials: pd.DataFrame, values: pd.Series, params: Sequence[Param], label: str, *,
+                         evaluator: str = "fanova", min_trials: int = MIN_TRIALS, seed: int = 0) -> Importance:
+    """Importance of ``params`` for ``values`` (one per trial id, e.g. the objective at one epoch),
+    with Optuna's ``evaluator`` on an in-memory study of those trials; the simple fallback when fewer
+    than ``min_trials`` trials have a value. ``label`` says what the values are (it leads the notes)."""
+    import optuna
+
+    rows = trials.set_index("trial_id")
+    ids = [t for t in values.index if t in rows.index and pd.notna(values[t])]
+    notes = [f"Values: {label}; {len(ids)} trial(s)."]
+    numeric = {p.name: p.numeric for p in params}
+    if len(ids) >= max(2, min_trials):
+        study = optuna.create_study(direction="maximize")
+        for t in ids:
+            chosen = {p.name: rows.at[t, p.name] for p in params if p.name in rows.columns and pd.notna(rows.at[t, p.name])}
+            chosen = {k: (v.item() if hasattr(v, "item") else v) for k, v in chosen.items()}
+            dists = {p.name: _distribution(p) for p in params if p.name in chosen}
+            try:
+                study.add_trial(optuna.trial.create_trial(params=chosen, distributions=dists, value=float(values[t])))
+            except ValueError:  # a value outside the space (edited space.json): leave the trial out
+                continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scores = optuna.importance.get_param_importances(study, evaluator=make_evaluator(evaluator, seed))
+            table = pd.DataFrame({"param": list(scores), "importance": [float(v) for v in scores.values()]})
+            total = table["importance"].sum()
+            table["share"] = table["importance"] / total if total > 0 else math.nan
+            table["method"] = evaluator
+            table["n"] = len(study.trials)
+            every = set.intersection(*(set(t.params) for t in study.trials))
+            skipped = sorted({p.name for p in params} - every)
+            if skipped:
+                notes.append(f"Not assessed (not set in every trial: conditional): {', '.join(skipped)}.")
+            return Importance(table.sort_values("importance", ascending=False, kind="stable").reset_index(drop=True),
+                              EVALUATOR_NAMES[evaluator], evaluator, notes, seed)
+        except Exception as e:
+            notes.append(f"Optuna importance failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}).")
+    else:
+        notes.append(f"Too few trials (< {max(2, min_trials)}) for {EVALUATOR_NAMES[evaluator].split(' (')[0]}.")
+    d = rows.loc[ids].assign(_v=values.loc[ids]).reset_index()
+    return Importance(simple_importance(d, {k: v for k, v in numeric.items() if k in d.columns}, "_v"),
+                      SIMPLE_METHOD, None, notes, seed)

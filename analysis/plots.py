@@ -41,8 +41,9 @@ STATUS_STYLE = {
     "stopped": ("X", "tab:red", "stopped early by ASHA"),
     "errored": ("x", "black", "errored"),
     "running": (">", "tab:gray", "running (no terminal result)"),
+    "pending": (".", "tab:gray", "pending (not started)"),
 }
-STATUS_COLOR = {"finished": "tab:blue", "stopped": "tab:red", "errored": "black", "running": "tab:gray"}
+STATUS_COLOR = {"finished": "tab:blue", "stopped": "tab:red", "errored": "black", "running": "tab:gray", "pending": "lightgray"}
 MAX_TRIAL_LEGEND = 16
 
 
@@ -295,7 +296,7 @@ def comparison(table: pd.DataFrame, group: str, row: str | None, metric: str, pa
         ax.errorbar(xs, ys, yerr=err, fmt="o", color=color, capsize=4, ms=7, label=gname)
     ax.set_xticks(range(len(rows)), rows, rotation=15 if len(rows) > 3 else 0)
     ax.set_xlabel(row or "")
-    ax.set_ylabel(f"mean of trials' best {metric_label(metric)}")
+    ax.set_ylabel(f"mean {metric_label(metric)} at the table's budget")
     ax.set_title(f"{title} (error bars: 95% t-interval over {replicates})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, title=group, title_fontsize=8)

@@ -23,6 +23,7 @@ from .experiment import ANALYSIS_DIR, Experiment, compare, load
 from .importance import MIN_TRIALS, Importance, make_evaluator
 from .render import Block, fmt, render_html, render_markdown
 from .summaries import ci_pivot, loss_variant_order
+from .tables import STATUSES
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -86,17 +87,20 @@ def make_figures(exp: Experiment, imp: Importance, folder: Path) -> Figures:
         "proto_levels": _img(plots.proto_levels(exp, folder / "proto_levels.png"),
                              "acc_proto_i (%) and loss_proto_i per level over epochs"),
     }
-    comps = exp.comparisons()
     orders = exp.choice_orders()
-    for name, group in (("duplicates", "pcl.duplicates"), ("proto_loss", "loss_variant")):
-        if name in comps:
-            d = comps[name]
-            row = "pcl.cluster_schedule" if "pcl.cluster_schedule" in d.columns else None
-            title = "ProtoNCE duplicate handling" if name == "duplicates" else "prototype loss"
-            groups = loss_variant_order(d[group], orders) if group == "loss_variant" else orders.get(group)
-            path = plots.comparison(d, group, row, exp.metric, folder / f"compare_{name}.png", title,
-                                    groups=groups, replicates=exp.replicates)
-            figs[f"cmp_{name}"] = _img(path, "Duplicate handling" if name == "duplicates" else "Prototype loss")
+    comparisons = exp.comparisons()
+    for i, c in enumerate(comparisons):
+        group = "pcl.duplicates" if c.name == "duplicates" else "loss_variant"
+        d = c.table
+        row = "pcl.cluster_schedule" if "pcl.cluster_schedule" in d.columns else None
+        title = ("ProtoNCE duplicate handling" if c.name == "duplicates" else "prototype loss") + f", {c.budget}"
+        groups = loss_variant_order(d[group], orders) if group == "loss_variant" else orders.get(group)
+        # The first table of a name keeps the plain file name; a second budget gets a suffix.
+        stem = f"compare_{c.name}" + ("" if all(x.name != c.name for x in comparisons[:i]) else f"_{i}")
+        path = plots.comparison(d, group, row, exp.metric, folder / f"{stem}.png", title,
+                                groups=groups, replicates=exp.replicates)
+        figs[f"cmp_{i}"] = _img(path, ("Duplicate handling" if c.name == "duplicates" else "Prototype loss")
+                                + f", {c.budget}")
     return figs
 
 
@@ -119,7 +123,7 @@ def _header(exp: Experiment) -> list[Block]:
     sp, run, t = exp.space, exp.run, exp.trials
     comp = exp.compute().iloc[0]
     state = "complete" if exp.complete else "**still running or interrupted** (no `trials.csv` yet): partial results"
-    counts = ", ".join(f"{int(comp[s])} {s}" for s in ("finished", "stopped", "errored", "running") if comp[s])
+    counts = ", ".join(f"{int(comp[s])} {s}" for s in STATUSES if comp[s])
     planned = "" if exp.space_inferred else f" of {sp.total_trials()} planned"
     budget = (f"; ASHA on the epoch: grace period {sp.grace_period}, reduction factor {sp.reduction_factor}, "
               f"max_t {exp.max_t}" if sp.asha else f"; no early stopping, max_t {exp.max_t}")
@@ -174,12 +178,22 @@ def _search_section(exp: Experiment, figs: Figures, imp: Importance, top: int) -
     """Leaderboard, progress, importance and per-parameter effects."""
     t = exp.trials
     blocks = [Block("h2", f"Leaderboard (top {min(top, len(t))} of {len(t)})"),
+              Block("p", exp.noise().describe()),
               Block("table", table=exp.leaderboard(top),
                     text=f"`{exp.objective_col}`: the trial's best {metrics.label(exp.metric)} over its epochs; "
-                         "`best_so_far`: best objective among the trials started up to that one")]
+                         "`gap`: behind the best; `vs_best`: within noise when the gap is below the resolution "
+                         "above; `best_so_far`: best objective among the trials started up to that one")]
     blocks += [b for b in (figs.get("objective_vs_epoch"), figs.get("history")) if b is not None]
-    blocks += [Block("h2", "Parameter importance"), Block("p", imp.describe()), Block("table", table=imp.table)]
+    blocks += [Block("h2", "Parameter importance"),
+               Block("p", "As the searcher saw the trials: " + imp.describe()
+                     + (" Under ASHA a stopped trial counts with its value at the stop, so this ranking mostly "
+                        "says which settings start fast; the like-for-like rankings below do not mix budgets."
+                        if exp.space.asha else "")),
+               Block("table", table=imp.table)]
     blocks += [b for b in (figs.get("importance"),) if b is not None]
+    for like in exp.like_for_like_importance(evaluator=imp.evaluator or "fanova"):
+        blocks += [Block("h3", f"Like for like: {like.notes[0].removeprefix('Values: ').split(';')[0]}"),
+                   Block("p", like.describe()), Block("table", table=like.table)]
     blocks += [Block("h2", "Effect of each parameter"),
                Block("p", f"Statistics of the trials' best `{exp.metric}` per value; numeric parameters in quantile "
                           "bins (`[lo, hi]`); `(not set)`: a conditional parameter that was not sampled."),
@@ -206,24 +220,71 @@ def _comparison_section(exp: Experiment, figs: Figures) -> list[Block]:
     if not comps:
         return []
     rep = "seeds" if exp.replicates == "seeds" else "trials (no searched seed)"
-    blocks = [Block("h2", "Loss comparisons"),
-              Block("p", f"Mean of the trials' best `{exp.metric}` with a 95% t-interval over {rep}; n = 1 "
-                         "gives no interval (NaN).")]
-    first = comps.get("proto_loss", comps.get("duplicates", pd.DataFrame()))
-    row = "pcl.cluster_schedule" if "pcl.cluster_schedule" in first.columns else None
-    if "duplicates" in comps:
-        d = comps["duplicates"]
-        blocks += [Block("h3", "ProtoNCE duplicate handling (dedupe / remap / none)"),
-                   Block("table", table=ci_pivot(d, row, "pcl.duplicates"), index=True,
-                         text="trials whose loss has ProtoNCE levels (proto_nce, topk_below)"),
+    blocks = [Block("h2", "Loss comparisons at equal budget"),
+              Block("p", f"Mean `{exp.metric}` per group with a 95% t-interval over {rep}, each table at one budget "
+                         "(finished trials at the full budget, or every trial at the largest epoch all reached), "
+                         "so trials stopped early are never averaged with finished ones. Groups with fewer than 3 "
+                         "replicates list their points (`points`) instead of an interval. These are trials of a "
+                         "search, not a controlled experiment: where other searched parameters differ between the "
+                         "groups the table says so; an ablation with paired seeds settles the question.")]
+    for i, c in enumerate(comps):
+        d = c.table
+        row = "pcl.cluster_schedule" if "pcl.cluster_schedule" in d.columns else None
+        group = "pcl.duplicates" if c.name == "duplicates" else "loss_variant"
+        title = ("ProtoNCE duplicate handling (dedupe / remap / none)" if c.name == "duplicates"
+                 else "ProtoNCE vs top-K across cluster schedules")
+        conf = (f"**Confounded with: {', '.join(f'`{p}`' for p in c.confounders)}**: the groups also differ in "
+                "these, so a gap may come from them; see `search_spaces/loss_ablation.yaml` and "
+                "`search_spaces/pcl_vs_moco.yaml` for controlled comparisons." if c.confounders
+                else "No other searched parameter differs between the groups.")
+        blocks += [Block("h3", f"{title}: {c.budget}"), Block("p", conf),
+                   Block("table", table=_pivot_with_points(d, row, group), index=True,
+                         text="trials whose loss has ProtoNCE levels (proto_nce, topk_below)"
+                         if c.name == "duplicates" else ""),
                    Block("table", table=d)]
-        blocks += [b for b in (figs.get("cmp_duplicates"),) if b is not None]
-    if "proto_loss" in comps:
-        d = comps["proto_loss"]
-        blocks += [Block("h3", "ProtoNCE vs top-K across cluster schedules"),
-                   Block("table", table=ci_pivot(d, row, "loss_variant"), index=True), Block("table", table=d)]
-        blocks += [b for b in (figs.get("cmp_proto_loss"),) if b is not None]
+        blocks += [b for b in (figs.get(f"cmp_{i}"),) if b is not None]
     return blocks
+
+
+def _pivot_with_points(d: pd.DataFrame, row: str | None, group: str) -> pd.DataFrame:
+    """:func:`ci_pivot` with the points of the cells that have too few replicates for an interval."""
+    wide = ci_pivot(d, row, group)
+    for _, r in d[d["points"] != ""].iterrows():
+        wide.loc[str(r[row]) if row else "(all)", str(r[group])] = f"points {r['points']} (n={int(r['n'])})"
+    return wide
+
+
+def _verdict_section(exp: Experiment) -> list[Block]:
+    """First thing in the report: an ablation's paired verdicts, or the best PCL trial of a search
+    against its MoCo v2 baseline."""
+    if exp.space.is_ablation:
+        blocks = [Block("h2", "Verdicts"),
+                  Block("p", f"Each trial counts with its value at the full budget (epoch {exp.max_t}, no selection "
+                             "over epochs). A comparison takes the difference per seed between two cells that differ "
+                             "in one factor (the seed pairs them: same initialisation, data split and order), and "
+                             "gives the mean difference with a 95 % paired-t interval; an interval that contains 0 is "
+                             "'no difference resolved'. The best-cell line picks the best PCL cell on these same "
+                             "runs, so it is optimistic.")]
+        for metric in exp.verdict_metrics():
+            res = exp.verdicts(metric)
+            if res is None:
+                continue
+            lines = [(f"**{v.sentence()}**" if v.resolved else v.sentence())
+                     for v in ([res.baseline] if res.baseline else []) + res.verdicts]
+            blocks += [Block("h3", f"`{metric}`"), Block("list", items=lines),
+                       Block("table", table=res.table().drop(columns=["verdict"]),
+                             text="`diffs`: the paired difference for each seed"),
+                       Block("table", table=res.cells, text="each cell over its seeds (mean, 95 % t-interval)")]
+            if res.missing:
+                blocks.append(Block("p", "Not counted (not finished): " + ", ".join(res.missing)))
+        return blocks
+    check = exp.baseline_check()
+    if check is None:
+        return [Block("h2", "PCL against MoCo v2 alone"),
+                Block("p", "This search ran no MoCo v2 baseline trial (`pcl.proto_weight: 0`), so it cannot say "
+                           "whether prototypes help at all here. New searches run one unless "
+                           "`searcher.baseline: false`.")]
+    return [Block("h2", "PCL against MoCo v2 alone"), Block("p", check.sentence())]
 
 
 def _trials_section(exp: Experiment, figs: Figures, saved: list[Path]) -> list[Block]:
@@ -278,7 +339,8 @@ def _downstream_section(exp: Experiment) -> list[Block]:
 def build_blocks(exp: Experiment, figures: Figures, imp: Importance, top: int, best_yaml: Path,
                  best_yaml_written: bool, saved: list[Path]) -> list[Block]:
     """The report's content (shared by the Markdown and HTML renderings)."""
-    return (_header(exp) + _best_section(exp, best_yaml, best_yaml_written) + _downstream_section(exp)
+    return (_header(exp) + _verdict_section(exp) + _best_section(exp, best_yaml, best_yaml_written)
+            + _downstream_section(exp)
             + _searched_section(exp) + _search_section(exp, figures, imp, top) + _compute_section(exp) + _comparison_section(exp, figures)
             + _trials_section(exp, figures, saved))
 

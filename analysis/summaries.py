@@ -246,7 +246,7 @@ def best_so_far(trials: pd.DataFrame, objective: str, mode: str = "max") -> pd.D
 def compute_accounting(trials: pd.DataFrame, max_t: int | None, epochs: pd.DataFrame | None = None) -> pd.DataFrame:
     """Epochs the search spent against running every trial for the full budget ``max_t``.
 
-    One row. Columns: ``trials``, ``finished``, ``stopped``, ``errored``, ``running`` (counts),
+    One row. Columns: ``trials``, ``finished``, ``stopped``, ``errored``, ``running``, ``pending`` (counts),
     ``max_t``, ``epochs_spent`` (sum of the epochs each trial ran), ``epochs_full_budget``
     (``trials * max_t``), ``epochs_saved`` (full - spent), ``saved_fraction`` (saved / full),
     ``train_time_s`` (sum of per-epoch ``time_epoch`` over all trials), ``time_per_epoch_s`` (mean),
@@ -267,7 +267,7 @@ def compute_accounting(trials: pd.DataFrame, max_t: int | None, epochs: pd.DataF
         span = float(last - first) if pd.notna(last) and pd.notna(first) else math.nan
     row = {
         "trials": n,
-        **{s: int(counts.get(s, 0)) for s in ("finished", "stopped", "errored", "running")},
+        **{s: int(counts.get(s, 0)) for s in ("finished", "stopped", "errored", "running", "pending")},
         "max_t": max_t if max_t else math.nan,
         "epochs_spent": spent,
         "epochs_full_budget": full,

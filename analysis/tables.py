@@ -21,10 +21,11 @@ from pcl_tune import metrics
 from .errors import Notes
 from .trial_files import RESULT_JSON, RawTrial
 
-STATUSES = ("finished", "stopped", "errored", "running")
+STATUSES = ("finished", "stopped", "errored", "running", "pending")
 """Trial status values: ``finished`` (reached ``max_t`` epochs), ``stopped`` (ended earlier: ASHA
 stopped it), ``errored`` (the trial raised; ``error`` holds the message), ``running`` (no terminal
-result yet: the search is still running or was interrupted)."""
+result yet: the search is still running or was interrupted), ``pending`` (created but not started:
+no result, and Tune's state says PENDING; a grid creates all its trials at once)."""
 
 # Fields Tune adds to every result; they are kept in ``epochs`` but are not metrics.
 TUNE_FIELDS = frozenset({
@@ -83,6 +84,8 @@ def trial_status(t: RawTrial, epochs_run: int, max_t: int | None) -> str:
     state = t.state.status if t.state is not None else None
     if state == "ERROR":
         return "errored"
+    if state == "PENDING" and not t.records and t.error is None:
+        return "pending"
     if max_t is not None and epochs_run >= max_t:
         return "finished"
     last_done = bool(t.records[-1].get("done")) if t.records else False

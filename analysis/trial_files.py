@@ -119,7 +119,9 @@ def _read_params(trial_dir: Path, records: list[dict[str, Any]], state: TrialSta
         params, source = dict(state.config), "Tune's experiment state"
     else:
         params, source = {}, None
-    if not pj.is_file():  # an unreadable one was warned about above
+    pending = not records and state is not None and state.status == "PENDING" and bool(state.config)
+    if not pj.is_file() and not pending:  # an unreadable one was warned about above; a pending
+        # trial (created, not started: Tune writes params.json at the start) is no damage
         notes.warn(f"{pj}: missing; parameters recovered from {source}" if source else
                    f"{pj}: missing and no other record of the parameters; they are shown as NaN")
     return params

@@ -428,3 +428,18 @@ def train_size(cfg: TrainConfig) -> int | None:
     if n is not None and d.subset is not None:
         n = min(n, d.subset)
     return n
+
+
+def val_size(cfg: TrainConfig) -> int | None:
+    """Number of validation images (the split the search's objective is measured on) a config gives,
+    without rendering or decoding them (None if unknown). The analysis derives the objective's
+    binomial standard error from it."""
+    d = cfg.data
+    if d.dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        targets = np.asarray(load_digits().target)
+        return len(_split_by_source(targets, DIGITS_FRACTIONS, cfg.seed)[1]) * d.digits_copies[1]
+    if d.dataset in ("cifar10", "cifar100"):
+        return int(round(50000 * d.val_fraction))
+    return None

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .config import merge, read_yaml
-from .space import SearchSpace, SpaceError
+from .space import ARM_KEY, SearchSpace, SpaceError
 
 SPACE_YAML = "search_space.yaml"
 SPACE_JSON = "space.json"
@@ -103,8 +103,9 @@ def best_epoch(epochs: pd.DataFrame, metric: str, mode: str) -> Best | None:
 
 
 def best_config(fixed: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The full (nested) config of a trial: the space's fixed settings merged with its parameters."""
-    return merge(fixed, params)
+    """The full (nested) config of a trial: the space's fixed settings merged with its parameters
+    (less the arm label of an ablation or baseline trial, which is not a setting)."""
+    return merge(fixed, {k: v for k, v in params.items() if k != ARM_KEY})
 
 
 def write_best_yaml(path: Path, fixed: dict[str, Any], params: dict[str, Any]) -> Path:

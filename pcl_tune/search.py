@@ -121,7 +121,12 @@ def describe_space(space: SearchSpace) -> str:
         if defaults.get(k) != v:
             lines.append(f"    {k:28s} {v!r}")
     lines.append(f"  objective: {space.mode} {space.metric} (val split)")
-    if space.algorithm == "grid":
+    if space.is_ablation:
+        n = math.prod(len(p.choices) for p in space.params)
+        arms = f" x {len(space.arms)} arm(s) ({', '.join(space.arms)})" if space.arms else ""
+        lines.append(f"  ablation: grid of {n} combination(s){arms} x {len(space.seeds)} paired seeds "
+                     f"{space.seeds} = {space.total_trials()} trials, full budget")
+    elif space.algorithm == "grid":
         n = math.prod(len(p.choices) for p in space.params)
         lines.append(f"  searcher: grid of {n} combinations x {space.num_samples} sample(s)")
     else:
@@ -129,6 +134,11 @@ def describe_space(space: SearchSpace) -> str:
                      f"{space.num_samples} trials")
         for point in space.points_to_evaluate:
             lines.append("    evaluated first: " + ", ".join(f"{k}={v}" for k, v in point.items()))
+    if space.has_baseline:
+        point = {k: v for k, v in space.baseline_point().items() if k != "arm"}
+        lines.append("  baseline (MoCo v2, not told to TPE, never stopped early): "
+                     + ", ".join(f"{k}={v}" for k, v in point.items())
+                     + (" (once per seed)" if space.is_ablation else ""))
     max_t = space.resolved_max_t()
     if space.asha:
         lines.append(f"  ASHA on the epoch: grace {space.grace_period}, reduction factor {space.reduction_factor}, "
@@ -185,10 +195,10 @@ def _port_free(port: int, *, pick: bool = False) -> Any:
 def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: int, restore: bool) -> Any:
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from .config import merge
-    from .searcher import ResumableOptunaSearch
+    from .searcher import BaselineExemptASHA, ResumableOptunaSearch
 
     # Each trial keeps its best epoch's weights (checkpoint/best.pt) by the search's objective.
     fixed = merge(dict(space.fixed), {"eval.best_metric": space.metric})
@@ -204,21 +214,27 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
     if restore:
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     param_space: dict[str, Any] = {}
-    num_samples = space.num_samples
+    searcher: Any
     if space.algorithm == "grid":
-        searcher = None
-        param_space = {p.name: tune.grid_search(list(p.choices)) for p in space.params}
+        # Every cell is a preset point (seed by seed, the baseline among them): Tune runs them in
+        # this order, and each trial's params.json holds its full cell.
+        cells = space.cells()
+        param_space = dict(cells[0]) if cells else {}
+        searcher = BasicVariantGenerator(points_to_evaluate=cells)
+        num_samples = len(cells)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / F.OPTUNA_DB}")
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
         searcher = ResumableOptunaSearch(space.define_by_run(), metric=space.metric, mode=space.mode,
                                          sampler=sampler, storage=storage, study_name=space.name,
-                                         points_to_evaluate=space.points_to_evaluate or None)
+                                         points_to_evaluate=space.points_to_evaluate or None,
+                                         baseline=space.baseline_point() if space.has_baseline else None)
+        num_samples = space.total_trials()
     max_t = space.resolved_max_t()
     scheduler = None
     if space.asha:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
-                                  reduction_factor=space.reduction_factor, brackets=space.brackets)
+        scheduler = BaselineExemptASHA(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
+                                       reduction_factor=space.reduction_factor, brackets=space.brackets)
     return tune.Tuner(
         trainable,
         param_space=param_space,

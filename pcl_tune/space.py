@@ -18,8 +18,30 @@ A file has these top-level keys (only ``search`` is required)::
     asha: {grace_period: 3, reduction_factor: 2, max_t: 10}  # on the epoch; max_t defaults to epochs
 
 ``searcher.algorithm: grid`` runs every combination of the ``choice`` parameters once per
-``num_samples`` (for ablations; no conditions allowed); ``asha: {enabled: false}`` runs every
-trial to the end.
+``num_samples`` (no conditions allowed); ``asha: {enabled: false}`` runs every trial to the end.
+
+A controlled ablation (a grid, every trial at full budget, paired seeds)::
+
+    ablation:
+      seeds: 5                        # every cell runs with seeds 0..4 (or a list: [0, 3, 7])
+      arms:                           # optional named variants, each a set of settings over `fixed`
+        proto_nce: {}
+        topk: {pcl.proto_loss: topk, pcl.k: 2}
+      reference: proto_nce            # what differences are taken against (default: the first arm;
+                                      # for a grid factor, its first listed value)
+      metrics: [knn_top1, fewshot_5w5s]   # verdicts for these (default: the objective)
+
+The cells are the grid of ``search`` (may be empty when ``arms`` are given) crossed with the arms;
+each runs once per seed, seed by seed, so an interrupted ablation holds complete pairs. The
+analysis reports, per comparison, the paired difference per seed with a paired-t interval
+(:mod:`analysis.ablation`).
+
+The MoCo v2 baseline: every search runs one trial with ``pcl.proto_weight: 0`` and every other
+searched setting at the space's first point (``searcher.points_to_evaluate[0]``, else each
+parameter's first choice or the middle of its range), named arm ``moco_v2``; it is not told to
+TPE (its setting lies outside the searched space) and ASHA never stops it, so it always runs the
+full budget. In an ablation it is one more cell per seed. ``searcher.baseline: false`` turns it
+off; a space whose fixed ``pcl.proto_weight`` is 0 has none.
     resources: {executor: direct, cpus_per_trial: 1, gpus_per_trial: 0,
                 workers_per_trial: 2, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent: null}
 
@@ -45,9 +67,17 @@ from .config import ConfigError, TrainConfig, config_from_dict, flatten, merge, 
 from .data import train_size
 from .metrics import lookup, reported_metrics
 
-TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "asha", "resources")
+TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "asha", "resources", "ablation")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-SEARCHER_KEYS = ("algorithm", "seed", "startup_trials", "num_samples", "points_to_evaluate")
+SEARCHER_KEYS = ("algorithm", "seed", "startup_trials", "num_samples", "points_to_evaluate", "baseline")
+ABLATION_KEYS = ("seeds", "arms", "reference", "metrics")
+ARM_KEY = "arm"
+"""Trial-config key naming a trial's arm (an ablation arm or the baseline); not a config setting:
+the trial executors drop it before building the config."""
+BASELINE_ARM = "moco_v2"
+"""Arm name of the MoCo v2 baseline trial (``pcl.proto_weight: 0``)."""
+BASELINE_SETTINGS = {"pcl.proto_weight": 0.0}
+SEED_KEY = "seed"
 SEARCH_ALGORITHMS = ("tpe", "grid")
 ASHA_KEYS = ("enabled", "grace_period", "reduction_factor", "max_t", "brackets")
 RESOURCE_KEYS = ("executor", "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "cpus_per_worker",
@@ -143,12 +173,77 @@ class SearchSpace:
     max_t: int | None = None
     brackets: int = 1
     resources: Resources = field(default_factory=Resources)
+    baseline: bool = True
+    """Run the MoCo v2 baseline trial (see the module docstring)."""
+    seeds: list[int] = field(default_factory=list)
+    """Ablation seeds (empty: not an ablation)."""
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Ablation arms: name -> dotted settings over ``fixed``."""
+    reference: str | None = None
+    """Ablation: the arm differences are taken against (None: the first arm)."""
+    ablation_metrics: list[str] = field(default_factory=list)
+    """Ablation: metrics with verdicts (empty: the objective)."""
+
+    @property
+    def is_ablation(self) -> bool:
+        return bool(self.seeds)
+
+    @property
+    def has_baseline(self) -> bool:
+        """Whether the search runs the MoCo v2 baseline trial."""
+        if not self.baseline or float(self.base_config().pcl.proto_weight) == 0.0:
+            return False
+        weights = [float(v) for q in self.params if q.name == "pcl.proto_weight" for v in q.values_for_check()]
+        weights += [float(a["pcl.proto_weight"]) for a in self.arms.values() if "pcl.proto_weight" in a]
+        return 0.0 not in weights  # the space already has a MoCo arm or value
+
+    def baseline_point(self) -> dict[str, Any]:
+        """The baseline trial's config (dotted keys, :data:`ARM_KEY` included): the space's first
+        point with ``pcl.proto_weight`` 0."""
+        first = dict(self.points_to_evaluate[0]) if self.points_to_evaluate else {}
+        fixed_flat = flatten(unflatten(self.fixed))
+        point: dict[str, Any] = {}
+        for q in self.params:
+            if q.name == SEED_KEY:
+                continue
+            if not _condition_holds(q, point, fixed_flat):
+                continue
+            point[q.name] = first[q.name] if q.name in first else _first_value(q)
+        if self.arms:
+            point.update(next(iter(self.arms.values())))
+        return {**point, **BASELINE_SETTINGS, ARM_KEY: BASELINE_ARM}
+
+    def cells(self) -> list[dict[str, Any]]:
+        """Every trial of a grid or an ablation, in run order (seed by seed), as trial configs.
+
+        Each cell has the same keys (a key an arm does not set takes the fixed value), so Tune
+        can carry them as ``points_to_evaluate``; :data:`ARM_KEY` names the arm (absent without
+        arms), :data:`SEED_KEY` the seed (ablations).
+        """
+        import itertools
+
+        grid = [dict(zip([q.name for q in self.params], combo, strict=True))
+                for combo in itertools.product(*[q.choices for q in self.params])]
+        arms = [(name, dict(s)) for name, s in self.arms.items()] or [(None, {})]
+        per_seed: list[dict[str, Any]] = []
+        for g in grid:
+            for name, settings in arms:
+                per_seed.append({**g, **settings, **({ARM_KEY: name} if name is not None else {})})
+        if self.has_baseline:
+            per_seed.append(self.baseline_point())
+        repeats: list[dict[str, Any]] = [{SEED_KEY: s} for s in self.seeds] if self.seeds else \
+            [{} for _ in range(self.num_samples)]
+        cells = [{**c, **r} for r in repeats for c in per_seed]
+        keys = list(dict.fromkeys(k for c in cells for k in c))
+        fixed_flat = self.base_config().flat()
+        return [{k: c.get(k, fixed_flat.get(k)) for k in keys} for c in cells]
 
     def total_trials(self) -> int:
-        """Trials the search runs: num_samples, times the grid size for a grid search."""
+        """Trials the search runs: the cells of a grid / ablation; num_samples for TPE (the
+        baseline trial comes on top)."""
         if self.algorithm == "grid":
-            return self.num_samples * math.prod(len(p.choices) for p in self.params)
-        return self.num_samples
+            return len(self.cells())
+        return self.num_samples + int(self.has_baseline)
 
     def base_config(self) -> TrainConfig:
         return config_from_dict(self.fixed)
@@ -183,6 +278,8 @@ class SearchSpace:
             "num_samples": self.num_samples, "points_to_evaluate": self.points_to_evaluate,
             "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
             "max_t": self.resolved_max_t(), "brackets": self.brackets, "resources": dataclasses.asdict(self.resources),
+            "baseline": self.has_baseline, "seeds": list(self.seeds), "arms": self.arms, "reference": self.reference,
+            "ablation_metrics": list(self.ablation_metrics),
         }
 
     @classmethod
@@ -216,6 +313,11 @@ class SearchSpace:
         space.name = str(space.name or Path(where).parent.name)
         space.fixed = dict(space.fixed or {})
         space.points_to_evaluate = list(space.points_to_evaluate or [])
+        space.seeds = [int(v) for v in space.seeds or []]
+        space.arms = {str(k): dict(v or {}) for k, v in (space.arms or {}).items()}
+        space.ablation_metrics = list(space.ablation_metrics or [])
+        if "baseline" not in data:  # written before the baseline existed: it had none
+            space.baseline = False
         for key, tp in (("num_samples", int), ("grace_period", int), ("reduction_factor", int), ("max_t", int)):
             v = getattr(space, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, tp)):
@@ -235,6 +337,7 @@ class SearchSpace:
                                   "optim.batch_size": 32, "pcl.warmup_epochs": 1, "clustering.nredo": 1,
                                   "progress": False})
         s.num_samples = min(self.num_samples, 4)
+        s.seeds = s.seeds[:2]
         s.startup_trials = min(self.startup_trials, 2)
         s.grace_period = 2
         s.max_t = 3
@@ -272,6 +375,15 @@ def _condition_holds(p: Param, chosen: dict[str, Any], fixed_flat: dict[str, Any
         if value not in allowed:
             return False
     return True
+
+
+def _first_value(p: Param) -> Any:
+    """A parameter's first choice, or the middle of its range (geometric for a log range)."""
+    if p.kind == "choice":
+        return p.choices[0]
+    lo, hi = float(p.low), float(p.high)  # type: ignore[arg-type]
+    mid = math.sqrt(lo * hi) if p.log else (lo + hi) / 2
+    return int(round(mid)) if p.kind == "int" else mid
 
 
 def _default_of(key: str) -> Any:
@@ -372,8 +484,11 @@ def load_space(path: str | Path) -> SearchSpace:
         base = config_from_dict(fixed)
     except ConfigError as e:
         raise SpaceError(f"{p}: fixed: {e}") from None
+    abl = ld.section(data, "ablation", ABLATION_KEYS)
     search = data.get("search")
-    if not isinstance(search, dict) or not search:
+    if search is None and abl.get("arms"):
+        search = {}
+    if not isinstance(search, dict) or (not search and not abl.get("arms")):
         raise ld.fail("search", search, "a non-empty mapping of dotted config keys to distributions")
     known = base.flat()
     params = []
@@ -414,9 +529,78 @@ def load_space(path: str | Path) -> SearchSpace:
         max_t=asha.get("max_t"),
         brackets=ld.number("asha.brackets", asha.get("brackets", 1), integer=True),
         resources=_parse_resources(ld, res),
+        baseline=srch.get("baseline", True),
     )
+    if not isinstance(space.baseline, bool):
+        raise ld.fail("searcher.baseline", space.baseline, "true or false")
+    if abl:
+        _parse_ablation(ld, space, abl, srch, asha, data)
     validate_space(space)
     return space
+
+
+def _parse_ablation(ld: _Loader, space: SearchSpace, abl: dict[str, Any], srch: dict[str, Any],
+                    asha: dict[str, Any], data: dict[str, Any]) -> None:
+    """The ``ablation`` section: paired seeds, arms, reference, metrics; a grid without ASHA."""
+    seeds = abl.get("seeds")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 2:
+            raise ld.fail("ablation.seeds", seeds, "at least 2 seeds (a paired interval needs 2; use 5 or more)")
+        space.seeds = list(range(seeds))
+    elif isinstance(seeds, list) and len(seeds) >= 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                             and v >= 0 for v in seeds) and len(set(seeds)) == len(seeds):
+        space.seeds = list(seeds)
+    else:
+        raise ld.fail("ablation.seeds", seeds, "a number of seeds >= 2 or a list of distinct seeds >= 0")
+    if srch.get("algorithm", "grid") != "grid":
+        raise ld.fail("searcher.algorithm", srch["algorithm"], "grid (or nothing): an ablation runs every cell")
+    if "num_samples" in srch:
+        raise ld.fail("searcher.num_samples", srch["num_samples"], "nothing: ablation.seeds sets the repeats")
+    if asha.get("enabled", False) is not False:
+        raise ld.fail("asha.enabled", asha.get("enabled"), "false (or nothing): an ablation runs every trial to "
+                                                          "the end, no early stopping")
+    fixed_flat = flatten(unflatten(space.fixed))
+    if SEED_KEY in fixed_flat or any(q.name == SEED_KEY for q in space.params):
+        where = f"search.{SEED_KEY}" if any(q.name == SEED_KEY for q in space.params) else f"fixed.{SEED_KEY}"
+        raise ld.fail(where, "...", "no seed setting: ablation.seeds sets each trial's seed")
+    space.algorithm = "grid"
+    space.asha = False
+    space.num_samples = 1
+    arms = abl.get("arms") or {}
+    if not isinstance(arms, dict):
+        raise ld.fail("ablation.arms", arms, "a mapping of arm names to settings, e.g. {moco: {pcl.proto_weight: 0}}")
+    known = space.base_config().flat()
+    searched = {q.name for q in space.params}
+    for name, settings in arms.items():
+        key = f"ablation.arms.{name}"
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ld.fail(key, name, "an arm name of letters, digits, '_', '-' or '.'")
+        if name == BASELINE_ARM and space.baseline:
+            raise ld.fail(key, name, f"another name ({BASELINE_ARM} is the automatic baseline arm)")
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, dict):
+            raise ld.fail(key, settings, "a mapping of settings (nested or dotted)")
+        flat = flatten(unflatten(settings))
+        for k in flat:
+            if k not in known:
+                raise ld.fail(f"{key}.{k}", flat[k], "a config key; run `python -m pcl_tune.train --help-config`")
+            if k in searched or k == SEED_KEY:
+                raise ld.fail(f"{key}.{k}", flat[k], "a key the grid does not vary (it is searched)"
+                              if k in searched else "no seed setting: ablation.seeds sets it")
+        try:
+            config_from_dict(merge(space.fixed, flat))
+        except ConfigError as e:
+            raise SpaceError(f"{ld.path}: {key}: {e}") from None
+        space.arms[name] = flat
+    ref = abl.get("reference")
+    if ref is not None and ref not in space.arms:
+        raise ld.fail("ablation.reference", ref, f"one of the arms ({', '.join(space.arms) or 'none are defined'})")
+    space.reference = ref
+    metrics = abl.get("metrics") or []
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise ld.fail("ablation.metrics", metrics, "a list of metric names")
+    space.ablation_metrics = list(metrics)
 
 
 def _parse_resources(ld: _Loader, res: dict[str, Any]) -> Resources:
@@ -439,11 +623,15 @@ def _parse_resources(ld: _Loader, res: dict[str, Any]) -> Resources:
 
 
 def all_values(space: SearchSpace, key: str) -> list[Any]:
-    """Every value ``key`` can take in a trial (the fixed value, or the searched values/bounds)."""
+    """Every value ``key`` can take in a trial (the fixed value, or the searched values/bounds,
+    and the values ablation arms give it)."""
     for p in space.params:
         if p.name == key:
             return p.values_for_check()
-    return [space.base_config().flat()[key]]
+    fixed = space.base_config().flat()[key]
+    arm_values = [a[key] for a in space.arms.values() if key in a]
+    unset = [fixed] if len(arm_values) < len(space.arms) or not space.arms else []
+    return unset + arm_values
 
 
 def validate_space(space: SearchSpace) -> None:
@@ -486,6 +674,12 @@ def validate_space(space: SearchSpace) -> None:
     known = set(reported_metrics(max(levels)))
     if space.metric not in known:
         raise ld.fail("objective.metric", space.metric, f"a metric the loop reports: {', '.join(sorted(known))}")
+    for m in space.ablation_metrics:
+        if m not in known:
+            raise ld.fail("ablation.metrics", m, f"a metric the loop reports: {', '.join(sorted(known))}")
+        if m.startswith("fewshot_") and min(int(v) for v in all_values(space, "eval.fewshot_episodes")) < 1:
+            raise ld.fail("ablation.metrics", m, "a metric the configured evaluation produces: set "
+                          "eval.fewshot_episodes >= 1")
     if space.algorithm not in SEARCH_ALGORITHMS:
         raise ld.fail("searcher.algorithm", space.algorithm, f"one of {', '.join(SEARCH_ALGORITHMS)}")
     if not isinstance(space.asha, bool):

@@ -33,6 +33,13 @@ def _stage_checkpoint(checkpoint: Any, staging: Path) -> Path | None:
         return staging
 
 
+def settings_of(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config settings: its params less the arm label (:data:`pcl_tune.space.ARM_KEY`)."""
+    from .space import ARM_KEY
+
+    return {k: v for k, v in params.items() if k != ARM_KEY}
+
+
 def threads_for(cpus: float) -> int:
     """torch threads for a process that holds ``cpus`` logical CPUs (at least one)."""
     return max(1, int(cpus))
@@ -75,7 +82,7 @@ def direct_trial(params: dict[str, Any], *, fixed: dict[str, Any], threads: int)
     from .train import train_loop
 
     torch.set_num_threads(threads)
-    cfg = merge(merge(fixed, params), {"threads": threads, "progress": False})
+    cfg = merge(merge(fixed, settings_of(params)), {"threads": threads, "progress": False})
     with tempfile.TemporaryDirectory(prefix="pcl_tune_trial_") as tmp:
         work = Path(tmp)
         resume = _stage_checkpoint(tune.get_checkpoint(), work / "restore")
@@ -114,7 +121,7 @@ def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, 
 
     use_gpu = gpus_per_worker > 0
     threads = threads_for(cpus_per_worker)
-    cfg = merge(merge(fixed, params), {"threads": threads, "progress": False})
+    cfg = merge(merge(fixed, settings_of(params)), {"threads": threads, "progress": False})
     trial_id = tune.get_context().get_trial_id()
     resources = {"CPU": cpus_per_worker}
     if use_gpu:

@@ -92,10 +92,16 @@ def test_direct_executor_asha(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = tmp_path / "runs" / "direct"
     trials = _trials(exp)
-    assert len(trials) == 6
-    epochs = {name: int(df["epoch"].max()) for name, df in trials.items()}
+    assert len(trials) == 7  # 6 searched + the MoCo v2 baseline
+    params = {name: json.loads((exp / name / "params.json").read_text()) for name in trials}
+    base = [name for name, p in params.items() if p.get("arm") == "moco_v2"]
+    assert len(base) == 1 and params[base[0]]["pcl.proto_weight"] == 0.0 and params[base[0]]["optim.lr"] == 0.08
+    epochs = {name: int(df["epoch"].max()) for name, df in trials.items() if name not in base}
     # Trials after the first have a lower lr than every trial before them: ASHA stops them at 2.
     assert sorted(epochs.values()) == [2, 2, 2, 2, 2, 4]
+    # The baseline is never stopped early (its lr ties the first trial's: it would not be anyway,
+    # the unit test below checks the exemption itself).
+    assert int(trials[base[0]]["epoch"].max()) == 4
     for df in trials.values():
         assert {"knn_top1", "loss", "acc_proto", "time_train"} <= set(df.columns)
         assert list(df["epoch"]) == list(range(1, len(df) + 1))
@@ -105,7 +111,8 @@ def test_direct_executor_asha(tmp_path: Path) -> None:
     import optuna
 
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{exp / 'optuna.db'}")
-    assert len(study.trials) == 6
+    assert len(study.trials) == 6  # the baseline is not an Optuna trial
+    assert all("pcl.proto_weight" not in t.params for t in study.trials)
     assert "Best lr" in proc.stdout
 
 
@@ -309,3 +316,59 @@ def test_searcher_skips_results_of_trials_optuna_already_finished(tmp_path: Path
     trial = searcher._ot_study.trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 12.0
     assert trial.intermediate_values == {1: 10.0}
+
+
+def test_searcher_runs_the_baseline_once_beside_the_study(tmp_path: Path) -> None:
+    import pickle
+
+    import optuna
+
+    from pcl_tune.searcher import ResumableOptunaSearch
+    from pcl_tune.space import DefineByRun, Param
+
+    space = DefineByRun([Param("optim.lr", "loguniform", low=0.01, high=0.1, log=True)], {})  # picklable
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    baseline = {"optim.lr": 0.03, "pcl.proto_weight": 0.0, "arm": "moco_v2"}
+    s = ResumableOptunaSearch(space, metric="knn_top1", mode="max", storage=storage, study_name="s",
+                              sampler=optuna.samplers.RandomSampler(seed=0),
+                              points_to_evaluate=[{"optim.lr": 0.05}], baseline=baseline)
+    first = s.suggest("t1")
+    assert first == {"optim.lr": 0.05}  # the first point comes first
+    assert s.suggest("t2") == baseline  # then the baseline
+    third = s.suggest("t3")
+    assert third is not None and "arm" not in third
+    # Results and completion of the baseline never reach Optuna.
+    s.on_trial_result("t2", {"knn_top1": 40.0, "training_iteration": 1})
+    s.on_trial_complete("t2", {"knn_top1": 41.0, "training_iteration": 2})
+    s.on_trial_complete("t1", {"knn_top1": 30.0, "training_iteration": 2})
+    assert len(s._ot_study.trials) == 2 and 41.0 not in [t.value for t in s._ot_study.trials]
+    # Tune pickles the searcher's state: a restored searcher does not run the baseline again.
+    s.save(str(tmp_path / "searcher.pkl"))
+    restored = ResumableOptunaSearch(space, metric="knn_top1", mode="max", storage=storage, study_name="s",
+                                     sampler=optuna.samplers.RandomSampler(seed=0), baseline=baseline)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("t4") != baseline and "arm" not in (restored.suggest("t5") or {})
+    assert pickle.loads(pickle.dumps(restored))._baseline_trials == {"t2"}
+
+
+def test_asha_never_stops_the_baseline_early() -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from pcl_tune.searcher import BaselineExemptASHA
+
+    asha = BaselineExemptASHA(time_attr="epoch", metric="knn_top1", mode="max", max_t=8, grace_period=2,
+                              reduction_factor=2)
+    good = SimpleNamespace(trial_id="good", config={"optim.lr": 0.1})
+    bad = SimpleNamespace(trial_id="bad", config={"optim.lr": 0.01})
+    base = SimpleNamespace(trial_id="base", config={"optim.lr": 0.01, "arm": "moco_v2"})
+    for t in (good, bad, base):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, good, {"epoch": 2, "knn_top1": 50.0}) == TrialScheduler.CONTINUE
+    # A trial far below the rung's cutoff is stopped; the baseline with the same value is not.
+    assert asha.on_trial_result(None, bad, {"epoch": 2, "knn_top1": 10.0}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, base, {"epoch": 2, "knn_top1": 10.0}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, base, {"epoch": 4, "knn_top1": 10.0}) == TrialScheduler.CONTINUE
+    # At the full budget it ends like every trial.
+    assert asha.on_trial_result(None, base, {"epoch": 8, "knn_top1": 10.0}) == TrialScheduler.STOP

@@ -60,11 +60,16 @@ def test_shipped_spaces_load() -> None:
     assert {"demo", "cifar10", "miniimagenet", "imagenet_pcl", "loss_ablation"} <= set(names)
     for p in (ROOT / "search_spaces").glob("*.yaml"):
         space = load_space(p)
-        assert space.params, p
+        assert space.params or space.arms, p
+        # Every shipped space runs the MoCo v2 baseline.
+        assert space.has_baseline, p
     demo = load_space(ROOT / "search_spaces" / "demo.yaml")
     assert demo.num_samples >= 8 and demo.asha
     ablation = load_space(ROOT / "search_spaces" / "loss_ablation.yaml")
-    assert ablation.algorithm == "grid" and ablation.total_trials() == 3 * 2 * 3 * 3
+    # 3 duplicate modes x 2 schedules + the baseline, 5 paired seeds, no early stopping.
+    assert ablation.is_ablation and not ablation.asha and ablation.total_trials() == (3 * 2 + 1) * 5
+    arms = load_space(ROOT / "search_spaces" / "pcl_vs_moco.yaml")
+    assert arms.reference == "proto_nce" and len(arms.seeds) >= 5 and not arms.params
     ref = load_space(ROOT / "search_spaces" / "imagenet_pcl.yaml")
     assert ref.points_to_evaluate[0]["pcl.cluster_schedule"] == "25000,50000,100000"
 
@@ -208,3 +213,104 @@ def test_plan_never_oversubscribes(tmp_path: Path) -> None:
     direct = load_space(write(tmp_path, patched(resources={"executor": "direct", "cpus_per_trial": 1,
                                                            "gpus_per_trial": 0.5}), "d.yaml"))
     assert make_plan(direct, cluster_cpus=8, cluster_gpus=1).max_concurrent == 2  # GPU-bound: 2 halves
+
+
+ABLATION: dict[str, Any] = {
+    "fixed": {"epochs": 6, "pcl": {"warmup_epochs": 2}, "data": {"digits_copies": [1, 1, 1]}},
+    "search": {"pcl.duplicates": {"choice": ["dedupe", "remap"]}},
+    "ablation": {"seeds": 3, "arms": {"pnce": {}, "topk": {"pcl": {"proto_loss": "topk", "k": 2}}},
+                 "reference": "pnce", "metrics": ["knn_top1", "fewshot_5w5s"]},
+    "objective": {"metric": "knn_top1", "mode": "max"},
+}
+
+
+def test_ablation_cells_run_seed_by_seed_with_the_baseline(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, ABLATION))
+    assert space.is_ablation and space.algorithm == "grid" and not space.asha and space.rungs() == []
+    assert space.seeds == [0, 1, 2] and space.reference == "pnce"
+    assert space.arms["topk"] == {"pcl.proto_loss": "topk", "pcl.k": 2}
+    cells = space.cells()
+    # (2 duplicate modes x 2 arms + the baseline) per seed, seed by seed.
+    assert len(cells) == space.total_trials() == 5 * 3
+    assert [c["seed"] for c in cells] == [0] * 5 + [1] * 5 + [2] * 5
+    assert all(set(c) == set(cells[0]) for c in cells)  # Tune's preset points need equal keys
+    first = cells[:5]
+    assert [c["arm"] for c in first] == ["pnce", "topk", "pnce", "topk", "moco_v2"]
+    # A key an arm does not set takes the fixed value; the baseline is the first cell with weight 0.
+    assert first[0]["pcl.proto_loss"] == "proto_nce" and first[0]["pcl.k"] == 3
+    assert first[1]["pcl.proto_loss"] == "topk" and first[1]["pcl.k"] == 2
+    assert first[4]["pcl.proto_weight"] == 0.0 and first[4]["pcl.duplicates"] == "dedupe"
+    assert {c["pcl.proto_weight"] for c in first[:4]} == {1.0}
+    # Each cell is a valid config once the arm label is dropped.
+    from pcl_tune.trials import settings_of
+
+    for c in cells:
+        assert "arm" not in settings_of(c)
+        config_from_dict(merge(space.fixed, settings_of(c)))
+    back = SearchSpace.from_json(json.loads(json.dumps(space.to_json())))
+    assert back.cells() == cells and back.ablation_metrics == ["knn_top1", "fewshot_5w5s"]
+    # An explicit seed list, and no baseline when asked for none.
+    data = json.loads(json.dumps(ABLATION))
+    data["ablation"]["seeds"] = [4, 9]
+    data["searcher"] = {"baseline": False}
+    other = load_space(write(tmp_path, data, "b.yaml"))
+    assert [c["seed"] for c in other.cells()] == [4, 4, 4, 4, 9, 9, 9, 9]
+    assert not any(c.get("arm") == "moco_v2" for c in other.cells())
+
+
+def test_baseline_point_of_a_tpe_space(tmp_path: Path) -> None:
+    data = patched(**{"searcher/points_to_evaluate": [{"optim.lr": 0.05, "pcl.proto_loss": "topk", "pcl.k": 2}]})
+    space = load_space(write(tmp_path, data))
+    assert space.has_baseline and space.total_trials() == space.num_samples + 1
+    # The first point, with the first choice / the middle of a range for what it does not set.
+    assert space.baseline_point() == {"optim.lr": 0.05, "pcl.cluster_schedule": "5,10", "pcl.proto_loss": "topk",
+                                      "pcl.k": 2, "pcl.proto_weight": 0.0, "arm": "moco_v2"}
+    bare = load_space(write(tmp_path, BASE, "bare.yaml")).baseline_point()
+    assert bare["optim.lr"] == pytest.approx((0.01 * 0.3) ** 0.5)  # geometric middle of a log range
+    assert "pcl.k" not in bare  # its condition (topk) does not hold at the first loss, proto_nce
+    # No baseline: switched off, or the space is already MoCo (fixed or searched weight 0).
+    assert not load_space(write(tmp_path, patched(**{"searcher/baseline": False}), "off.yaml")).has_baseline
+    assert not load_space(write(tmp_path, patched(**{"fixed/pcl/proto_weight": 0.0}), "w0.yaml")).has_baseline
+    searched = patched(**{"search/pcl.proto_weight": {"choice": [1.0, 0.0]}})
+    assert not load_space(write(tmp_path, searched, "w.yaml")).has_baseline
+    # A space.json written before the baseline existed reads as having none.
+    old = {k: v for k, v in space.to_json().items() if k != "baseline"}
+    assert not SearchSpace.from_json(old).has_baseline
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"ablation/seeds": 1}, "ablation.seeds"),
+        ({"ablation/seeds": [1, 1]}, "ablation.seeds"),
+        ({"ablation/seeds": "five"}, "ablation.seeds"),
+        ({"asha": {"enabled": True}}, "asha.enabled"),
+        ({"searcher": {"algorithm": "tpe"}}, "searcher.algorithm"),
+        ({"searcher": {"num_samples": 3}}, "searcher.num_samples"),
+        ({"fixed/seed": 3}, "fixed.seed"),
+        ({"ablation/arms/topk/pcl/kk": 2}, "ablation.arms.topk.pcl.kk"),
+        ({"ablation/arms/topk/pcl/duplicates": "none"}, "searched"),
+        ({"ablation/arms/topk/pcl/k": 99}, "smallest cluster count"),
+        ({"ablation/arms/bad name": {}}, "arm name"),
+        ({"ablation/arms/moco_v2": {}}, "automatic baseline"),
+        ({"ablation/reference": "nope"}, "ablation.reference"),
+        ({"ablation/metrics": ["top5"]}, "ablation.metrics"),
+        ({"ablation/metrics": ["fewshot_5w1s"], "fixed/eval": {"fewshot_episodes": 0}}, "fewshot_episodes"),
+        ({"ablation/unknown": 1}, "ablation.unknown"),
+    ],
+)
+def test_ablation_errors_name_key(tmp_path: Path, changes: dict[str, Any], fragment: str) -> None:
+    import copy
+
+    data = copy.deepcopy(ABLATION)
+    for path, value in changes.items():
+        node = data
+        parts = path.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path = write(tmp_path, data)
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    msg = str(err.value)
+    assert str(path) in msg and fragment in msg and "\n" not in msg
