@@ -275,7 +275,7 @@ def comparison(table: pd.DataFrame, group: str, row: str | None, metric: str, pa
                groups: Sequence[str] | None = None, replicates: str = "seeds") -> Path | None:
     """Mean objective with its 95 % t-interval over ``replicates`` per ``group`` value (one colour
     each, in the order of ``groups`` when given), side by side for every ``row`` value (e.g. cluster
-    schedule). Groups with one replicate have no error bar."""
+    schedule). Groups with a ``points`` entry (fewer than 3 replicates) are drawn as their points."""
     if not len(table):
         return None
     rows = list(dict.fromkeys(table[row].astype(str))) if row else ["(all)"]
@@ -290,6 +290,11 @@ def comparison(table: pd.DataFrame, group: str, row: str | None, metric: str, pa
         xs, ys, err = [], [], []
         for _, r in d.iterrows():
             x = rows.index(str(r[row])) if row else 0
+            pts = str(r.get("points", "") or "")
+            if pts:  # too few replicates for an interval: the points themselves, no mean marker
+                vals = [float(v) for v in pts.split(",")]
+                ax.plot([x - 0.4 + width * (j + 0.5)] * len(vals), vals, "x", color=color, ms=6)
+                continue
             xs.append(x - 0.4 + width * (j + 0.5))
             ys.append(r["mean"])
             err.append(0.0 if pd.isna(r["ci_half"]) else r["ci_half"])
@@ -297,7 +302,8 @@ def comparison(table: pd.DataFrame, group: str, row: str | None, metric: str, pa
     ax.set_xticks(range(len(rows)), rows, rotation=15 if len(rows) > 3 else 0)
     ax.set_xlabel(row or "")
     ax.set_ylabel(f"mean {metric_label(metric)} at the table's budget")
-    ax.set_title(f"{title} (error bars: 95% t-interval over {replicates})", fontsize=10)
+    ax.set_title(f"{title}\n(error bars: 95% t-interval over {replicates}; x: the points of groups with < 3)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, title=group, title_fontsize=8)
     return _save(fig, path)

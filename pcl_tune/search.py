@@ -408,8 +408,13 @@ def _write_report(exp_dir: Path) -> None:
     except ImportError:
         return
     try:
-        path = report_mod.write_report(exp_dir)
+        import analysis
+        from analysis.__main__ import print_verdicts
+
+        exp = analysis.load(exp_dir)
+        path = report_mod.write_report(exp_dir, experiment=exp)
         print(f"[pcl_tune] report: {path}", flush=True)
+        print_verdicts(exp)  # the ablation's verdicts, or the best PCL trial against MoCo v2 alone
     except Exception as e:  # the search result stands even if the report fails
         print(f"[pcl_tune] report failed: {e}", file=sys.stderr)
 

@@ -372,3 +372,36 @@ def test_asha_never_stops_the_baseline_early() -> None:
     assert asha.on_trial_result(None, base, {"epoch": 4, "knn_top1": 10.0}) == TrialScheduler.CONTINUE
     # At the full budget it ends like every trial.
     assert asha.on_trial_result(None, base, {"epoch": 8, "knn_top1": 10.0}) == TrialScheduler.STOP
+
+
+def test_ablation_runs_every_cell_with_its_seed(tmp_path: Path) -> None:
+    """An ablation space: every cell (arm x seed, the baseline once per seed) runs to the end with
+    its own seed and settings, and the analysis pairs them."""
+    fixed = json.loads(json.dumps(TINY_FIXED))
+    fixed["epochs"] = 2
+    fixed["pcl"]["warmup_epochs"] = 1
+    data = {"name": "abl", "fixed": fixed, "objective": {"metric": "knn_top1", "mode": "max"},
+            "ablation": {"seeds": [3, 7], "arms": {"pnce": {}, "hot": {"pcl.temperature": 0.2}}},
+            "resources": {"executor": "direct", "cpus_per_trial": 1, "max_concurrent": 2}}
+    space = tmp_path / "abl.yaml"
+    space.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = _run_search(["--space", str(space), "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2",
+                        "--no-dashboard"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = tmp_path / "runs" / "abl"
+    trials = _trials(exp)
+    assert len(trials) == 6 and all(int(df["epoch"].max()) == 2 for df in trials.values())
+    cells = sorted((p["arm"], p["seed"], p["pcl.temperature"], p["pcl.proto_weight"]) for p in
+                   (json.loads((exp / name / "params.json").read_text()) for name in trials))
+    assert cells == [("hot", 3, 0.2, 1.0), ("hot", 7, 0.2, 1.0), ("moco_v2", 3, 0.07, 0.0),
+                     ("moco_v2", 7, 0.07, 0.0), ("pnce", 3, 0.07, 1.0), ("pnce", 7, 0.07, 1.0)]
+    # best.yaml is a runnable config: the arm label is not a setting.
+    best = yaml.safe_load((exp / "best.yaml").read_text())
+    assert "arm" not in best and best["seed"] in (3, 7)
+    import analysis
+
+    res = analysis.load(exp).verdicts()
+    assert res is not None and {v.label for v in res.verdicts} == {"hot − pnce", "moco_v2 − pnce"}
+    assert all(v.seeds == (3, 7) for v in res.verdicts)
+    md = (exp / "report.md").read_text()
+    assert md.index("## Verdicts") < md.index("## Best configuration")

@@ -199,7 +199,9 @@ def test_cli_dry_run_prints_plan(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "2 DDP worker(s)" in proc.stdout and "at most 2 concurrent" in proc.stdout
-    assert "evaluated first: pcl.cluster_schedule=5,10, pcl.proto_loss=proto_nce" in proc.stdout
+    assert "evaluated first: pcl.cluster_schedule=5,10, pcl.proto_weight=1.0, pcl.proto_loss=proto_nce" in proc.stdout
+    assert "baseline (MoCo v2, not told to TPE, never stopped early): pcl.cluster_schedule=5,10, pcl.proto_weight=0.0" \
+        in proc.stdout
 
 
 def test_plan_never_oversubscribes(tmp_path: Path) -> None:
