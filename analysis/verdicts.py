@@ -287,7 +287,12 @@ def ablation_verdicts(trials: pd.DataFrame, values: pd.Series, metric: str, grid
                 if v.n:
                     verdicts.append(v)
     cell_cols = ([ARM_KEY] if has_arms else []) + grid
-    cells = ci_table(d.reset_index(), cell_cols, "value", SEED_KEY, orders=orders) if cell_cols else pd.DataFrame()
+    shown = d.copy()
+    if has_arms and not named_arms:  # a grid with the baseline beside it: label the two kinds of cell
+        shown[ARM_KEY] = shown[ARM_KEY].where(is_base, "PCL")
+        for g in grid:  # the baseline's grid values are only the settings it borrowed
+            shown[g] = shown[g].astype(object).where(~is_base, "—")
+    cells = ci_table(shown.reset_index(), cell_cols, "value", SEED_KEY, orders=orders) if cell_cols else pd.DataFrame()
     baseline = None
     if is_base.any() and (~is_base).any():
         mean_by = pcl.groupby(cell_cols, dropna=False)["value"].mean() if cell_cols else pd.Series(

@@ -42,7 +42,9 @@ TINY_FIXED: dict[str, Any] = unflatten(tiny_settings(
 
 
 def _space(tmp_path: Path, *, lrs: list[float], num_samples: int, resources: dict[str, Any],
-           epochs: int = 4, metric: str = "lr", name: str = "space.yaml") -> Path:
+           epochs: int = 4, metric: str = "lr", name: str = "space.yaml", baseline: bool = False) -> Path:
+    """A TPE + ASHA space over ``lrs``; the MoCo v2 baseline trial only with ``baseline`` (tests of
+    resume and placement leave it out to stay short)."""
     fixed = json.loads(json.dumps(TINY_FIXED))
     fixed["epochs"] = epochs
     data = {
@@ -51,7 +53,7 @@ def _space(tmp_path: Path, *, lrs: list[float], num_samples: int, resources: dic
         "search": {"optim.lr": {"choice": lrs}, "pcl.temperature": {"uniform": [0.1, 0.3]}},
         "objective": {"metric": metric, "mode": "max"},
         "searcher": {"seed": 0, "startup_trials": 1, "num_samples": num_samples,
-                     "points_to_evaluate": [{"optim.lr": v} for v in lrs]},
+                     "points_to_evaluate": [{"optim.lr": v} for v in lrs], "baseline": baseline},
         "asha": {"grace_period": 2, "reduction_factor": 2, "max_t": epochs},
         "resources": resources,
     }
@@ -86,7 +88,7 @@ def _trials(exp: Path) -> dict[str, pd.DataFrame]:
 
 def test_direct_executor_asha(tmp_path: Path) -> None:
     space = _space(tmp_path, lrs=[0.08, 0.04, 0.02, 0.01, 0.005, 0.0025], num_samples=6,
-                   resources={"executor": "direct", "cpus_per_trial": 1, "max_concurrent": 1})
+                   resources={"executor": "direct", "cpus_per_trial": 1, "max_concurrent": 1}, baseline=True)
     proc = _run_search(["--space", str(space), "--storage-path", str(tmp_path / "runs"), "--name", "direct",
                         "--num-cpus", "2", "--no-dashboard", "--no-report"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,16 +121,18 @@ def test_direct_executor_asha(tmp_path: Path) -> None:
 def test_train_executor_two_workers_asha(tmp_path: Path) -> None:
     space = _space(tmp_path, lrs=[0.08, 0.01], num_samples=2, epochs=3,
                    resources={"executor": "train", "workers_per_trial": 2, "cpus_per_worker": 1,
-                              "max_concurrent": 1})
+                              "max_concurrent": 1}, baseline=True)
     proc = _run_search(["--space", str(space), "--storage-path", str(tmp_path / "runs"), "--name", "ddp",
                         "--num-cpus", "4", "--no-report"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = tmp_path / "runs" / "ddp"
     trials = _trials(exp)
-    assert len(trials) == 2
-    # The second trial (lower lr) is stopped at the grace period; the ASHA stop reached the
+    assert len(trials) == 3  # 2 searched + the MoCo v2 baseline (DDP workers too)
+    # The trial with the lower lr is stopped at the grace period; the ASHA stop reached the
     # TorchTrainer, and the next trial got its workers (no leaked placement group).
-    assert sorted(int(df["epoch"].max()) for df in trials.values()) == [2, 3]
+    assert sorted(int(df["epoch"].max()) for df in trials.values()) == [2, 3, 3]
+    base = [n for n in trials if json.loads((exp / n / "params.json").read_text()).get("arm") == "moco_v2"]
+    assert len(base) == 1 and int(trials[base[0]]["epoch"].max()) == 3
     assert all(df["knn_top1"].notna().all() for df in trials.values())
     assert (exp / "train_runs").is_dir()
     # Rank 0 keeps the best epoch's weights beside the latest checkpoint; --best finds them.

@@ -396,8 +396,10 @@ def test_grid_ablation_cells_and_table() -> None:
     res = verdicts.ablation_verdicts(trials, _final(trials), METRIC, [DUP, SCHED], ORDERS)
     cells = res.cells
     assert len(cells) == 7  # 6 PCL cells + the baseline
-    pcl = cells[cells[ARM_KEY] == NOT_SET]
+    pcl = cells[cells[ARM_KEY] == "PCL"]
     assert len(pcl) == 6 and (cells[ARM_KEY] == BASELINE_ARM).sum() == 1
+    # The baseline's grid columns are not settings it was compared on.
+    assert (cells.loc[cells[ARM_KEY] == BASELINE_ARM, [DUP, SCHED]] == "—").all(axis=None)
     for _, r in pcl.iterrows():
         xs = list(cell[(r[DUP], r[SCHED])].values())
         m, lo, hi = _ref_paired(xs)  # a one-sample t interval is the same formula
