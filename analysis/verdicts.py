@@ -365,9 +365,9 @@ class BaselineCheck:
                 "noise unknown": "The best PCL trial against the MoCo v2 baseline (noise unknown)"}[self.verdict]
         return (f"{head}: `{self.metric}` {self.pcl_value:.2f} (trial {self.pcl_trial}) vs {self.baseline_value:.2f} "
                 f"(trial {self.baseline_trial}) at epoch {self.epoch}, a gap of {_signed(self.gap)} {unit} against a "
-                f"resolution of {self.noise.resolution:.1f} {unit}. The best of {self.pcl_trials} PCL trials was "
-                "picked on this same validation split, so its lead is optimistic; an ablation with paired seeds "
-                "(search_spaces/pcl_vs_moco.yaml) settles it.")
+                f"resolution of {self.noise.resolution:.1f} {unit}. The best of the {self.pcl_trials} PCL trials that "
+                f"reached epoch {self.epoch} was picked on this same validation split, so its lead is optimistic; "
+                "an ablation with paired seeds (search_spaces/pcl_vs_moco.yaml) settles it.")
 
 
 def baseline_check(trials: pd.DataFrame, epochs: pd.DataFrame, metric: str, noise: Noise) -> BaselineCheck | None:

@@ -686,7 +686,7 @@ def test_baseline_check_verdict(base_value: float, se: float, verdict: str) -> N
     assert f"a gap of {_signed(72.0 - base_value)} points" in s
     assert ("**No PCL trial beats MoCo v2 alone**" in s) == (verdict == "MoCo v2 beats PCL")
     assert ("does **not** beat" in s) == (verdict == "not resolved")
-    assert "best of 2 PCL trials" in s
+    assert "best of the 2 PCL trials that reached epoch 10" in s
 
 
 def test_baseline_check_for_a_min_metric() -> None:
