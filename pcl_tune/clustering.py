@@ -61,8 +61,10 @@ def concentration(
     """PCL concentration phi of every cluster (Li et al. 2021, eq. 12, reference code).
 
     ``phi_c = mean_{v in c} ||v - c|| / log(n_c + 10)`` for clusters with more than one member;
-    clusters with 0 or 1 member get the largest phi; then phi is clipped to its 10th-90th
-    percentile and rescaled so that its mean equals ``temperature``.
+    clusters with 0 or 1 member get the largest phi; clusters with phi 0 (every member on the
+    centroid) get the smallest positive phi (not in the reference, where they would keep 0 and make
+    the logits infinite once they are more than 10 % of the clusters); then phi is clipped to its
+    10th-90th percentile and rescaled so that its mean equals ``temperature``.
 
     Args:
         sq_dist: (N,) squared distance of each sample to its centroid.
@@ -81,6 +83,13 @@ def concentration(
     phi = torch.where(multi, sums / counts.clamp_min(1) / torch.log(counts + 10), torch.zeros_like(sums))
     phi_max = phi.max() if multi.any() else torch.tensor(0.0, dtype=torch.float64)
     phi = torch.where(multi, phi, phi_max)
+    # Floor: a cluster whose members all sit on its centroid (duplicate images, collapsed features)
+    # has phi 0; when more than 10 % of the clusters are such, the 10th-percentile clip keeps the 0,
+    # and ProtoNCE's logits v.c / phi become infinite. Such clusters take the smallest positive phi
+    # (about what the clip raises them to when they are few); runs without them are unchanged.
+    positive = phi > 0
+    if positive.any() and not positive.all():
+        phi = torch.where(positive, phi, phi[positive].min())
     lo, hi = torch.quantile(phi, 0.1), torch.quantile(phi, 0.9)
     phi = phi.clamp(lo, hi)
     mean = phi.mean()

@@ -417,3 +417,26 @@ def test_schedule_parse_errors(value: object, message: str) -> None:
 def test_schedule_error_names_the_setting() -> None:
     with pytest.raises(ValueError, match=r"^clusters\.low: unknown schedule kind"):
         ClusterSchedule.parse("cubic:3->9", what="clusters.low")
+
+
+def test_concentration_is_never_zero_with_duplicate_points() -> None:
+    """More than 10 % of the clusters made of duplicates (every member on its centroid): their phi
+    would be 0 after the percentile clip, and ProtoNCE's logits v.c / phi infinite. They get the
+    smallest positive phi instead; the other clusters keep the reference's values."""
+    assignment, sq = [], []
+    for c in range(20):
+        for _ in range(3):
+            assignment.append(c)
+            sq.append(0.0 if c < 4 else (0.1 + 0.02 * c) ** 2)  # clusters 0-3: duplicates
+    phi = concentration(torch.tensor(sq, dtype=torch.float64), torch.tensor(assignment), 20, 0.1).double()
+    assert torch.isfinite(phi).all() and (phi > 0).all()
+    assert torch.allclose(phi[:4], phi[4:].min().expand(4))  # the floor: the tightest real cluster's phi
+    assert phi.mean().item() == pytest.approx(0.1, abs=1e-6)
+    logits = torch.randn(8, 20, dtype=torch.float64).clamp(-1, 1) / phi
+    assert torch.isfinite(logits).all()
+    # Same result as the reference with the duplicates' clusters given that floor before clipping.
+    floor = (0.1 + 0.02 * 4) / math.log(13)
+    raw = [floor] * 4 + [(0.1 + 0.02 * c) / math.log(13) for c in range(4, 20)]
+    lo, hi = np.percentile(raw, 10), np.percentile(raw, 90)
+    clipped = np.clip(raw, lo, hi)
+    np.testing.assert_allclose(phi.numpy(), 0.1 * clipped / clipped.mean(), rtol=1e-6)
