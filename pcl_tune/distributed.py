@@ -105,6 +105,22 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
+def first_bad_rank(ok: bool, device: torch.device) -> int | None:
+    """Every rank's verdict on a local check, agreed: the lowest rank whose ``ok`` is False, or
+    None when all are fine. One small all-reduce; a single process just returns its own answer.
+
+    A rank that stops on its own (a non-finite loss) while the others go on into DDP's gradient
+    all-reduce leaves them waiting until the process-group timeout; deciding together lets every
+    rank stop at the same step with the same message.
+    """
+    if not is_distributed():
+        return None if ok else 0
+    flag = torch.tensor([float(world_size()) if ok else float(rank())], dtype=torch.float64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    bad = int(flag.item())
+    return None if bad >= world_size() else bad
+
+
 def broadcast_buffers(module: torch.nn.Module, *, src: int = 0) -> None:
     """Copy every buffer (batch-norm statistics, the MoCo queue) of ``module`` from ``src``."""
     if not is_distributed():

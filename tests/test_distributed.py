@@ -249,5 +249,67 @@ def test_broadcast_tensor_uint8_on_the_source_rank(monkeypatch: pytest.MonkeyPat
     assert torch.equal(out, x) and len(sent) == 3
 
 
+def _nan_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """One DDP epoch in which rank 1's loss is NaN from the first batch (a NaN weight on rank 1 only,
+    set after DDP's initial broadcast); saves what each rank raised and how long it took."""
+    import time
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=90))
+    try:
+        from pcl_tune.config import config_from_dict
+        from pcl_tune.train import RunState, TrainingDiverged, train_epoch
+
+        trainer = RunState.build(config_from_dict(_embed_config()))
+        if rank == 1:
+            with torch.no_grad():
+                weight = next(trainer.model.encoder_q.parameters())
+                weight[(0,) * weight.dim()] = float("nan")
+        t0 = time.perf_counter()
+        res: dict[str, Any] = {"error": None}
+        try:
+            train_epoch(trainer, 0, None)
+        except TrainingDiverged as e:
+            res["error"] = str(e)
+        res["seconds"] = time.perf_counter() - t0
+        torch.save(res, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path: Any) -> None:
+    """Before the ranks agreed, rank 1 raised alone and rank 0 went on into DDP's gradient all-reduce.
+    There it waits for the process-group timeout while rank 1's process lives on (a Ray Train worker),
+    or dies of a gloo "connection closed" error when it exits (this test, before the fix): neither
+    says why. Now both raise TrainingDiverged at the same step, naming the rank, within seconds."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp_path / "init"),
+                               str(tmp_path / f"rank{r}.pt"), "nan"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for r in range(WORLD)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r, res in enumerate(results):
+        assert res["error"] is not None, r
+        assert "on rank 1 of 2 at epoch 1, batch 1" in res["error"], res["error"]
+        assert res["seconds"] < 30, res  # seconds, not the 90 s timeout
+    assert "loss is nan" in results[1]["error"] and "loss is not finite" in results[0]["error"]
+
+
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if len(sys.argv) > 5 and sys.argv[5] == "nan":
+        _nan_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    else:
+        _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -54,8 +54,13 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
             levels = [LevelBatch(lv.centroids, lv.assignment[index], lv.concentration) for lv in clusters.levels]
         loss, parts = pcl_loss(q, k, model.queue, levels, temperature=cfg.pcl.temperature, config=run.proto_cfg,
                                proto_weight=cfg.pcl.proto_weight, generator=run.neg_gen)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
+        # Every rank agrees before backward: one rank stopping alone would leave the others
+        # waiting in DDP's all-reduce until the process-group timeout.
+        bad = dist_utils.first_bad_rank(bool(torch.isfinite(loss)), run.device)
+        if bad is not None:
+            where = f" on rank {bad} of {run.world}" if run.world > 1 else ""
+            value = f"{loss.item()}" if bad == dist_utils.rank() else "not finite"
+            raise TrainingDiverged(f"loss is {value}{where} at epoch {epoch + 1}, batch {b + 1} "
                                    f"(lr {lr:.4g}); lower optim.lr or check the temperatures")
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
