@@ -89,6 +89,8 @@ class Experiment:
         self.warnings = contents.warnings
         self.complete = contents.complete
         self._raw = {t.trial_id: t for t in contents.raw}
+        self._cache: dict[Any, Any] = {}  # noise and comparisons: read by the leaderboard, the baseline
+        # check, the figures and the report sections alike (the tables above are never changed)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -240,8 +242,11 @@ class Experiment:
         when neither setting varies, and for an ablation (see :meth:`verdicts`)."""
         from pcl_tune.config import flatten, unflatten
 
+        key = ("comparisons", confidence)
+        if key in self._cache:
+            return self._cache[key]
         if self.space.is_ablation:
-            return []
+            return self._cache.setdefault(key, [])
         fixed_loss = flatten(unflatten(self.space.fixed)).get(summaries.PROTO_LOSS)
         out: list[verdicts.GroupComparison] = []
         for budget, values in self.budget_views():
@@ -251,17 +256,14 @@ class Experiment:
                                                           fixed_loss=fixed_loss).items():
                 by = [c for c in table.columns if c in d.columns or c == "loss_variant"]
                 if "loss_variant" in by:
-                    d["loss_variant"] = d[summaries.PROTO_LOSS].astype(str)
-                    if summaries.DUPLICATES in d.columns and d[summaries.DUPLICATES].astype(str).nunique() > 1:
-                        uses = d[summaries.PROTO_LOSS].isin(summaries.USES_DUPLICATES)
-                        d.loc[uses, "loss_variant"] += " / " + d.loc[uses, summaries.DUPLICATES].astype(str)
+                    d["loss_variant"] = summaries.loss_variants(d)
                 compared = by + ([summaries.PROTO_LOSS, summaries.DUPLICATES] if "loss_variant" in by else [])
                 sub = d[d[summaries.PROTO_LOSS].isin(summaries.USES_DUPLICATES)] if (
                     name == "duplicates" and summaries.PROTO_LOSS in d.columns) else d
                 out.append(verdicts.GroupComparison(
                     name, budget, verdicts.with_points(table, sub, by, "_value"),
                     verdicts.confounders(sub, compared, self.space.params), by))
-        return out
+        return self._cache.setdefault(key, out)
 
     def budget_views(self) -> list[tuple[str, pd.Series]]:
         """(label, each trial's objective at that budget) for like-for-like comparisons: finished
@@ -283,6 +285,8 @@ class Experiment:
     def noise(self) -> verdicts.Noise:
         """How precisely the objective is measured (binomial error on the validation split, seed
         spread): :func:`analysis.verdicts.objective_noise`."""
+        if "noise" in self._cache:
+            return self._cache["noise"]
         from pcl_tune.data import val_size
 
         try:
@@ -293,8 +297,8 @@ class Experiment:
         if self.space.is_ablation:
             values = verdicts.final_values(self.trials, self.epochs, self.metric, self.max_t)
         t = self.trials.set_index("trial_id").loc[values.index].assign(_v=values)
-        return verdicts.objective_noise(t, self.metric, "_v", n_val,
-                                        [p for p in self.params if p != "seed"])
+        noise = verdicts.objective_noise(t, self.metric, "_v", n_val, [p for p in self.params if p != "seed"])
+        return self._cache.setdefault("noise", noise)
 
     def baseline_check(self) -> verdicts.BaselineCheck | None:
         """The best PCL trial against the MoCo v2 baseline trial at equal budget (TPE searches);

@@ -354,6 +354,16 @@ def loss_variant_order(variants: Iterable[str], orders: dict[str, Sequence[Any]]
     return sorted(dict.fromkeys(str(v) for v in variants), key=key)
 
 
+def loss_variants(d: pd.DataFrame) -> pd.Series:
+    """Each trial's ``loss_variant`` label: its ``pcl.proto_loss``, with `` / <pcl.duplicates>``
+    appended for losses that use the duplicate handling when that setting varies."""
+    variant = d[PROTO_LOSS].astype(str)
+    if _varies(d, DUPLICATES):
+        uses = d[PROTO_LOSS].isin(USES_DUPLICATES)
+        variant = variant.where(~uses, variant + " / " + d[DUPLICATES].astype(str))
+    return variant
+
+
 def loss_comparisons(trials: pd.DataFrame, objective: str, mode: str = "max", confidence: float = 0.95,
                      orders: dict[str, Sequence[Any]] | None = None,
                      fixed_loss: str | None = None) -> dict[str, pd.DataFrame]:
@@ -384,11 +394,7 @@ def loss_comparisons(trials: pd.DataFrame, objective: str, mode: str = "max", co
         out["duplicates"] = ci_table(sub, by, objective, rep, mode, confidence, orders)
     if _varies(d, PROTO_LOSS):
         dd = d.copy()
-        variant = dd[PROTO_LOSS].astype(str)
-        if _varies(dd, DUPLICATES):
-            uses = dd[PROTO_LOSS].isin(USES_DUPLICATES)
-            variant = variant.where(~uses, variant + " / " + dd[DUPLICATES].astype(str))
-        dd["loss_variant"] = variant
+        dd["loss_variant"] = loss_variants(dd)
         order = dict(orders or {})
         order["loss_variant"] = loss_variant_order(dd["loss_variant"], orders)
         out["proto_loss"] = ci_table(dd, rows + ["loss_variant"], objective, rep, mode, confidence, order)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,21 +109,19 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Run the worker as ranks 0 and 1; returns what each rank saved."""
-    tmp = tmp_path_factory.mktemp("gloo")
+def _run_ranks(tmp: Path, *mode: str, timeout: float = 300) -> list[dict[str, Any]]:
+    """Run this file as ranks 0..WORLD-1 (``mode`` picks the worker); returns what each rank saved."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     procs = [
-        subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp / "init"), str(tmp / f"rank{r}.pt")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp / "init"), str(tmp / f"rank{r}.pt"),
+                          *mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for r in range(WORLD)
     ]
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
+            logs.append(p.communicate(timeout=timeout)[0])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -131,6 +130,12 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Run the worker as ranks 0 and 1; returns what each rank saved."""
+    return _run_ranks(tmp_path_factory.mktemp("gloo"))
 
 
 # --------------------------------------------------------------------------- single process
@@ -280,27 +285,12 @@ def _nan_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path: Any) -> None:
+def test_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path: Path) -> None:
     """Before the ranks agreed, rank 1 raised alone and rank 0 went on into DDP's gradient all-reduce.
     There it waits for the process-group timeout while rank 1's process lives on (a Ray Train worker),
     or dies of a gloo "connection closed" error when it exits (this test, before the fix): neither
     says why. Now both raise TrainingDiverged at the same step, naming the rank, within seconds."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp_path / "init"),
-                               str(tmp_path / f"rank{r}.pt"), "nan"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for r in range(WORLD)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = _run_ranks(tmp_path, "nan", timeout=240)
     for r, res in enumerate(results):
         assert res["error"] is not None, r
         assert "on rank 1 of 2 at epoch 1, batch 1" in res["error"], res["error"]

@@ -38,11 +38,11 @@ def write(tmp_path: Path, data: dict[str, Any], name: str = "space.yaml") -> Pat
     return p
 
 
-def patched(**changes: Any) -> dict[str, Any]:
-    """A deep copy of BASE with dotted-path changes (value None deletes the key)."""
+def patched(base: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
+    """A deep copy of ``base`` (default BASE) with dotted-path changes (value None deletes the key)."""
     import copy
 
-    d = copy.deepcopy(BASE)
+    d = copy.deepcopy(BASE if base is None else base)
     for path, value in changes.items():
         node = d
         parts = path.split("/")
@@ -302,16 +302,7 @@ def test_baseline_point_of_a_tpe_space(tmp_path: Path) -> None:
     ],
 )
 def test_ablation_errors_name_key(tmp_path: Path, changes: dict[str, Any], fragment: str) -> None:
-    import copy
-
-    data = copy.deepcopy(ABLATION)
-    for path, value in changes.items():
-        node = data
-        parts = path.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    path = write(tmp_path, data)
+    path = write(tmp_path, patched(ABLATION, **changes))
     with pytest.raises(SpaceError) as err:
         load_space(path)
     msg = str(err.value)
