@@ -32,7 +32,8 @@ CHECKPOINT_METRICS = "metrics.json"
 
 _np_core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
 _NUMPY_ARRAY_GLOBALS = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-"""What unpickling ``np.random.get_state()``'s uint32 key array needs, and nothing more."""
+"""What unpickling ``np.random.get_state()``'s uint32 key array needs, and nothing more: checkpoints
+written before the random streams were derived per epoch hold one (ignored, but it must load)."""
 
 
 class CheckpointError(ValueError):

@@ -285,6 +285,32 @@ def _nan_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
+def _resume_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """Three DDP epochs straight, and the same run stopped after epoch 1 and resumed from rank 0's
+    checkpoint (as a Ray Train restart or a Tune restore does); saves both histories (rank 0 writes
+    both final checkpoints)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        from pcl_tune.checkpoint import CHECKPOINT_DIR
+        from pcl_tune.train import train_loop
+
+        cfg = {**_embed_config(), "epochs": 3}
+        root = Path(out_file).parent
+        res: dict[str, Any] = {}
+        res["straight"] = train_loop(cfg, out_dir=root / "straight", verbose=False)
+        train_loop(cfg, out_dir=root / "resumed", verbose=False, max_epochs=1)
+        dist.barrier()  # rank 0 has written the checkpoint every rank resumes from
+        res["resumed"] = train_loop(cfg, out_dir=root / "resumed", verbose=False,
+                                    resume_from=root / "resumed" / CHECKPOINT_DIR)
+        torch.save(res, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path: Path) -> None:
     """Before the ranks agreed, rank 1 raised alone and rank 0 went on into DDP's gradient all-reduce.
     There it waits for the process-group timeout while rank 1's process lives on (a Ray Train worker),
@@ -298,8 +324,30 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path: Path) -> 
     assert "loss is nan" in results[1]["error"] and "loss is not finite" in results[0]["error"]
 
 
+def test_resumed_ddp_run_equals_the_straight_run(tmp_path: Path) -> None:
+    """Before each rank's random streams were derived from (seed, rank, epoch), only rank 0's stream
+    state was checkpointed and every rank loaded it: after a restart both ranks drew rank 0's crops
+    and negatives, and the resumed run left the straight one from the first resumed epoch."""
+    from pcl_tune.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, read_checkpoint
+
+    results = _run_ranks(tmp_path, "resume", timeout=300)
+    for r, res in enumerate(results):
+        straight, resumed = res["straight"], res["resumed"]
+        assert [m["epoch"] for m in resumed] == [1, 2, 3], r
+        for a, b in zip(straight, resumed):
+            for key in ("loss", "loss_inst", "loss_proto", "acc_inst", "knn_top1"):
+                assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]), (r, a["epoch"], key, a[key], b[key])
+    weights = [read_checkpoint(tmp_path / run / CHECKPOINT_DIR / CHECKPOINT_FILE)[1]["model"]
+               for run in ("straight", "resumed")]
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 5 and sys.argv[5] == "nan":
         _nan_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    elif len(sys.argv) > 5 and sys.argv[5] == "resume":
+        _resume_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
     else:
         _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+

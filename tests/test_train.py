@@ -7,12 +7,14 @@ minute of CPU time.
 from __future__ import annotations
 
 import math
+import random
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -259,6 +261,20 @@ def test_callback_once_per_epoch_with_checkpoint(straight_run: Run) -> None:
     state = torch.load(ckpt_file, weights_only=False)
     assert state["epoch"] == 2 and len(state["history"]) == 3
     assert state["config"]["pcl"]["cluster_schedule"] == "5,10"
+    # Random streams are derived from (seed, rank, epoch), never restored from rank 0's state.
+    assert not {"aug_gen", "neg_gen", "torch_rng", "numpy_rng", "python_rng"} & set(state)
+
+
+def test_random_streams_differ_by_rank_epoch_stream_and_seed() -> None:
+    from pcl_tune.train.state import STREAMS, stream_seed
+
+    seeds = {(s, r, e, k): stream_seed(s, r, e, k) for s in (0, 1, 2**40) for r in range(4) for e in range(3)
+             for k in STREAMS}
+    assert len(set(seeds.values())) == len(seeds)  # no two streams share a seed
+    assert all(0 <= v < 2**63 for v in seeds.values())
+    assert stream_seed(1, 2, 3, "augment") == stream_seed(1, 2, 3, "augment")  # a pure function
+    with pytest.raises(ValueError, match="unknown random stream 'crops'"):
+        stream_seed(0, 0, 0, "crops")
 
 
 def test_exact_resume_matches_straight_run(straight_run: Run, tmp_path: Path) -> None:
@@ -457,8 +473,15 @@ class _TouchesWhenUnpickled:
 def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path: Path, straight_run: Run) -> None:
     from pcl_tune.checkpoint import read_checkpoint
 
-    _, state = read_checkpoint(straight_run.out / CHECKPOINT_DIR)  # a real run state, numpy RNG included
-    assert state["epoch"] == 2 and state["numpy_rng"][0] == "MT19937"
+    _, state = read_checkpoint(straight_run.out / CHECKPOINT_DIR)
+    assert state["epoch"] == 2
+    # Checkpoints of earlier versions also hold RNG states (NumPy's needs an allow-listed array type):
+    # they load, and the states are ignored.
+    old = {**state, "numpy_rng": np.random.get_state(), "aug_gen": torch.Generator().get_state(),
+           "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    torch.save(old, tmp_path / "old.pt")
+    assert read_checkpoint(tmp_path / "old.pt")[1]["numpy_rng"][0] == "MT19937"
+    assert len(train_loop(tiny_settings(), resume_from=tmp_path / "old.pt", verbose=False)) == 3
     marker = tmp_path / "code_ran"
     torch.save({**state, "extra": _TouchesWhenUnpickled(marker)}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="weights_only=True"):

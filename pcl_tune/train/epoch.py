@@ -23,9 +23,11 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
     """Train ``epoch`` (0-based); returns the epoch's mean loss parts (accuracies in %), lr, throughput.
 
     Every rank sees its strided share of one seeded permutation, so the epoch's batches do not
-    depend on how many ranks there are; the last partial batch is dropped, as MoCo does.
+    depend on how many ranks there are; the last partial batch is dropped, as MoCo does. The
+    rank's random streams are seeded from (seed, rank, epoch) first (:meth:`RunState.seed_epoch`).
     """
     cfg, model = run.cfg, run.model
+    run.seed_epoch(epoch)
     model.train()
     lr = run.lr_scheduler.get_last_lr()[0]
     n = len(run.data.train)

@@ -4,6 +4,10 @@
 encoders, queue), the optimiser and its lr schedule, the augmentation and negative-sampling
 RNG streams, the data and the per-epoch history. Its checkpoint restores all of it, so a resumed
 run continues bit for bit where the uninterrupted run would be.
+
+Random streams are not checkpointed: every epoch, each rank re-seeds its streams from
+(seed, rank, epoch) (:meth:`RunState.seed_epoch`). A resumed rank therefore draws exactly what it
+would have drawn, whichever rank wrote the checkpoint and however many times the run restarted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ from ..model import MoCo
 
 log = logging.getLogger("pcl_tune.train")
 
+STREAMS: tuple[str, ...] = ("augment", "negatives", "torch", "numpy", "python")
+"""The random streams of a rank's epoch, each seeded by :func:`stream_seed`."""
+
+
+def stream_seed(seed: int, rank: int, epoch: int, stream: str) -> int:
+    """The seed of one random ``stream`` of ``rank`` in ``epoch`` (0-based): a 63-bit hash of the four.
+
+    NumPy's ``SeedSequence`` mixes the inputs, so neighbouring seeds, ranks and epochs give
+    unrelated streams (``seed * 7919 + rank`` style sums collide across runs).
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; expected one of {STREAMS}")
+    words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, rank, epoch, STREAMS.index(stream)]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,9 +91,9 @@ class RunState:
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     augment: MoCoV2Augment
     aug_gen: torch.Generator
-    """Augmentation (and shuffle-BN) draws; its own stream so that resuming restores it."""
+    """Augmentation (and shuffle-BN) draws; re-seeded every epoch by :meth:`seed_epoch`."""
     neg_gen: torch.Generator
-    """ProtoNCE negative-prototype draws."""
+    """ProtoNCE negative-prototype draws; re-seeded every epoch by :meth:`seed_epoch`."""
     proto_cfg: PrototypeLossConfig
     amp: bool
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -114,11 +132,20 @@ class RunState:
         return cls(
             cfg=cfg, device=device, rank=rank, world=world, data=data, schedule=schedule, model=model,
             query_net=query_net, optimizer=optimizer, lr_scheduler=lr_scheduler, augment=augment,
-            aug_gen=torch.Generator().manual_seed(cfg.seed * 7919 + 1 + rank),
-            neg_gen=torch.Generator().manual_seed(cfg.seed * 7919 + 2 + rank),
+            aug_gen=torch.Generator(), neg_gen=torch.Generator(),
             proto_cfg=PrototypeLossConfig.from_config(cfg.pcl, batch_size=o.batch_size),
             amp=cfg.amp and device.type == "cuda",
         )
+
+    def seed_epoch(self, epoch: int) -> None:
+        """Seed this rank's random streams for ``epoch``: the augmentation and negative-sampling
+        generators and the global torch / NumPy / Python generators, from (seed, rank, epoch)."""
+        seed = self.cfg.seed
+        self.aug_gen.manual_seed(stream_seed(seed, self.rank, epoch, "augment"))
+        self.neg_gen.manual_seed(stream_seed(seed, self.rank, epoch, "negatives"))
+        torch.manual_seed(stream_seed(seed, self.rank, epoch, "torch"))
+        np.random.seed(stream_seed(seed, self.rank, epoch, "numpy") & 0xFFFFFFFF)
+        random.seed(stream_seed(seed, self.rank, epoch, "python"))
 
     # ---- checkpoint
 
@@ -129,11 +156,6 @@ class RunState:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "aug_gen": self.aug_gen.get_state(),
-            "neg_gen": self.neg_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
             "history": self.history,
         }
 
@@ -148,11 +170,8 @@ class RunState:
             with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
                 warnings.simplefilter("ignore", UserWarning)
                 self.lr_scheduler.step()
-        self.aug_gen.set_state(state["aug_gen"])
-        self.neg_gen.set_state(state["neg_gen"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
+        # Checkpoints written before the streams were derived per epoch also hold RNG states
+        # ("aug_gen", "torch_rng", ...): ignored, seed_epoch re-seeds every stream.
         self.history = list(state.get("history", []))
 
     def save_checkpoint(self, out_dir: Path | None, epoch: int, *, best: bool = False) -> Path | None:
