@@ -178,8 +178,10 @@ class Verdict:
         ctx = f" ({self.context})" if self.context else ""
         head = f"{self.label}{ctx}, {self.metric}: "
         if self.n < 2:
-            return head + f"{_signed(self.mean)}{unit} from {self.n} seed: no interval"
-        body = f"{_signed(self.mean)}{unit} [{_signed(self.low)}, {_signed(self.high)}], {self.method}, {self.n} seeds"
+            return head + f"{_signed(self.mean, self.metric)}{unit} from {self.n} seed: no interval"
+        m = self.metric
+        body = (f"{_signed(self.mean, m)}{unit} [{_signed(self.low, m)}, {_signed(self.high, m)}], {self.method}, "
+                f"{self.n} seeds")
         return head + (body if self.resolved else f"no difference resolved: {body}")
 
     def row(self) -> dict[str, Any]:
@@ -187,7 +189,8 @@ class Verdict:
                 "n_seeds": self.n, "level_mean": self.level_mean, "reference_mean": self.reference_mean,
                 "diff_mean": self.mean, "ci_low": self.low, "ci_high": self.high, "resolved": self.resolved,
                 "method": self.method,
-                "diffs": ", ".join(f"{s}: {_signed(d)}" for s, d in zip(self.seeds, self.diffs, strict=True)),
+                "diffs": ", ".join(f"{s}: {_signed(d, self.metric)}" for s, d in zip(self.seeds, self.diffs,
+                                                                                     strict=True)),
                 "verdict": self.sentence()}
 
 
@@ -199,10 +202,13 @@ def _unit_word(metric: str, lead: str = "") -> str:
     return f"{lead}{word}" if word else ""
 
 
-def _signed(x: float) -> str:
+def _signed(x: float, metric: str | None = None) -> str:
+    """``+1.3`` with a real minus sign: one decimal for % metrics (and without a metric), three for
+    the others (NMI, losses), whose differences are fractions of one."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "nan"
-    return f"{x:+.1f}".replace("-", "−")
+    digits = 1 if metric is None or registry.unit(metric) == "%" else 3
+    return f"{x:+.{digits}f}".replace("-", "−")
 
 
 def paired(values: pd.DataFrame, metric: str, factor: str, level: Any, reference: Any, context: str = "") -> Verdict:

@@ -12,10 +12,11 @@ torch below (faiss's GPU wheels are hard to come by); else faiss on CPU. ``backe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,19 +281,21 @@ def cluster(
     if feats.ndim != 2:
         raise ValueError(f"features must have shape (N, D), got {tuple(feats.shape)}")
     n = feats.shape[0]
-    for c in counts:
+    for i, c in enumerate(counts):
         if not 1 <= c <= n:
-            raise ValueError(f"cannot cluster {n} samples into {c} clusters: each count must lie in [1, {n}]")
+            raise ClusteringError(f"clustering level {i}: cannot cluster {n} samples into {c} clusters: each count "
+                                  f"must lie in [1, {n}]; lower that count in pcl.cluster_schedule")
     name = resolve_backend(backend)
     levels: list[ClusterLevel] = []
     if name in ("faiss", "faiss-gpu"):
         _announce(name, "cuda:0" if name == "faiss-gpu" else "cpu")
         x = np.ascontiguousarray(feats.detach().float().cpu().numpy())
         for i, k in enumerate(counts):
-            ids, sq, cent = _kmeans_faiss(
-                x, k, niter=niter, nredo=nredo, seed=seed + i, max_ppc=max_points_per_centroid,
-                min_ppc=min_points_per_centroid, gpu=name == "faiss-gpu",
-            )
+            with _level_errors(i, k, tuple(x.shape), name):
+                ids, sq, cent = _kmeans_faiss(
+                    x, k, niter=niter, nredo=nredo, seed=seed + i, max_ppc=max_points_per_centroid,
+                    min_ppc=min_points_per_centroid, gpu=name == "faiss-gpu",
+                )
             levels.append(_make_level(torch.from_numpy(ids), torch.from_numpy(sq), torch.from_numpy(cent),
                                       temperature, name))
     else:
@@ -300,10 +303,33 @@ def cluster(
         _announce(name, str(device))
         x = feats.detach().float().to(device)
         for i, k in enumerate(counts):
-            ids, sq, cent = kmeans_torch(x, k, niter=niter, nredo=nredo, seed=seed + i,
-                                         max_points_per_centroid=max_points_per_centroid)
+            with _level_errors(i, k, tuple(x.shape), name):
+                ids, sq, cent = kmeans_torch(x, k, niter=niter, nredo=nredo, seed=seed + i,
+                                             max_points_per_centroid=max_points_per_centroid)
             levels.append(_make_level(ids.cpu(), sq.cpu(), cent.cpu(), temperature, name))
     return levels
+
+
+class ClusteringError(ValueError):
+    """k-means of one level failed; the message names the level, its count and what to change."""
+
+
+@contextlib.contextmanager
+def _level_errors(level: int, k: int, shape: tuple[int, ...], backend: str) -> Iterator[None]:
+    """Turn running out of memory while clustering one level into a :class:`ClusteringError` that
+    names the level and says what to change (the raw error names neither)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, MemoryError) and "out of memory" not in text.lower():
+            raise
+        n, d = shape[0], shape[1] if len(shape) > 1 else 1
+        cpu = "" if backend == "faiss" else ", or use clustering.backend: faiss (CPU memory)"
+        raise ClusteringError(
+            f"clustering level {level} ({k} clusters of {n} x {d} features, backend {backend}) ran out of memory "
+            f"({text}); lower that count in pcl.cluster_schedule or cluster a sample with a smaller "
+            f"clustering.max_points_per_centroid{cpu}") from e
 
 
 def _make_level(ids: Tensor, sq: Tensor, cent: Tensor, temperature: float, backend: str) -> ClusterLevel:

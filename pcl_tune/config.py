@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -105,6 +106,12 @@ class ModelConfig:
     """Key encoder runs on this many shuffled sub-batches, so batch-norm statistics cannot leak
     which key is the query's positive (MoCo's shuffle-BN, in one process). Off (1) by default: on
     the embedded default, 4 splits of 16 images made the statistics noisy and learning slower."""
+    key_bn: str = "own"
+    """Where the key encoder's batch-norm running statistics come from: ``own`` (its own forward
+    passes, as MoCo and PCL: only weights are averaged), ``ema`` (an EMA of the query encoder's at
+    ``momentum``, on top of its own passes) or ``query`` (copied from the query encoder every step,
+    this project's first behaviour). On the embedded default the three are not told apart by 5
+    seeds (benchmarks/README.md, "Key-encoder batch-norm statistics"); ``own`` is the method's."""
 
 
 @dataclass
@@ -113,7 +120,10 @@ class OptimConfig:
     """Peak learning rate (0.01 at batch 64 is MoCo's 0.03 at 256 scaled linearly; the demo search
     preferred 0.01-0.015 over 0.03-0.3 on the embedded default)."""
     batch_size: int = 64
-    """Per-process batch size."""
+    """Global batch: the images of one training step, split evenly across the DDP workers of a
+    Ray Train trial (it must divide by their number). ``lr`` is the learning rate of this batch
+    whatever the number of workers; when you change the batch, scale ``lr`` with it (the linear
+    rule of Goyal et al. 2017, which MoCo's 0.03 at 256 follows)."""
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
@@ -197,6 +207,9 @@ class TrainConfig:
     """torch.set_num_threads for this process; default: leave torch's choice."""
     progress: bool = True
     """Print a progress line during epochs."""
+    inject_nan_epoch: int | None = None
+    """Testing only: rank 0's loss is NaN from the first step of this epoch (1-based), so a test
+    can check how a diverged run is reported. Leave null."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -328,6 +341,7 @@ _CHOICES = {
     "data.dataset": ("digits", "folder", "cifar10", "cifar100", "miniimagenet"),
     "model.backbone": ("small_cnn", "resnet18", "resnet50"),
     "model.head": ("linear", "mlp"),
+    "model.key_bn": ("own", "ema", "query"),
     "optim.schedule": ("cosine", "step"),
     "pcl.proto_loss": ("proto_nce", "topk", "topk_below"),
     "pcl.duplicates": ("dedupe", "remap", "none"),
@@ -357,7 +371,7 @@ def validate(cfg: TrainConfig) -> None:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"key {key!r}: got {flat[key]!r}, expected a value >= 0")
-    for key in ("data.subset", "data.image_size", "data.load_size", "pcl.topk_threshold"):
+    for key in ("data.subset", "data.image_size", "data.load_size", "pcl.topk_threshold", "inject_nan_epoch"):
         if flat[key] is not None and flat[key] < 1:
             raise ConfigError(f"key {key!r}: got {flat[key]!r}, expected an integer >= 1 (or null)")
     if not 0 <= cfg.data.val_fraction < 1:
@@ -405,6 +419,24 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if "search" in data or "fixed" in data:
         return dict(data.get("fixed") or {})
     return data
+
+
+def unwritable_reason(path: str | os.PathLike[str], *, folder: bool) -> str | None:
+    """Why ``path`` (a folder to create or fill when ``folder``, else a file to write) cannot be
+    written, or None; creates nothing. A command checks its outputs with it before it starts work."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and p.is_dir() != folder:
+        return f"{p} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}"
+    target = p if p.exists() and folder else p.parent
+    while not target.exists() and target.parent != target:  # the nearest existing ancestor
+        target = target.parent
+    if not target.is_dir():
+        return f"{target} is a file, not a folder"
+    if not os.access(target, os.W_OK | os.X_OK):
+        return f"{target} is not writable"
+    if p.exists() and not folder and not os.access(p, os.W_OK):
+        return f"{p} is not writable"
+    return None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

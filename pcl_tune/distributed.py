@@ -27,19 +27,20 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def shard(indices: Tensor, *, pad: bool) -> Tensor:
-    """This rank's share of ``indices`` (strided). With ``pad`` every rank gets the same count,
-    repeating leading indices, as DistributedSampler does (needed where collectives follow)."""
+def shard(indices: Tensor, *, pad: bool, dim: int = 0) -> Tensor:
+    """This rank's share of ``indices`` along ``dim`` (strided). With ``pad`` every rank gets the
+    same count, repeating leading indices, as DistributedSampler does (needed where collectives
+    follow; 1-D only)."""
     ws, r = world_size(), rank()
     if ws == 1:
         return indices
-    n = indices.numel()
     if pad:
+        n = indices.numel()
         per = -(-n // ws)
         total = per * ws
         if total > n:
             indices = torch.cat([indices, indices[: total - n]])
-    return indices[r::ws]
+    return indices[(slice(None),) * dim + (slice(r, None, ws),)]
 
 
 def all_gather_cat(x: Tensor) -> Tensor:

@@ -117,6 +117,8 @@ def proto_nce(
     *,
     duplicates: DuplicateMode = "dedupe",
     generator: torch.Generator | None = None,
+    batch_assignment: Tensor | None = None,
+    row_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """ProtoNCE for one clustering level (PCL, Li et al. 2021, eq. 6), with duplicates handled.
 
@@ -136,10 +138,16 @@ def proto_nce(
             prototype labelled with its first column;
             ``"none"`` (reference code) - one column per row, labels 0..B-1.
         generator: torch generator for the negative draw.
+        batch_assignment: (B_g,) cluster ids of the whole step's batch when ``q`` holds only some
+            of its rows (one rank's share under DDP); ``q``'s rows are rows ``row_offset`` to
+            ``row_offset + B - 1`` of it. The columns (positives and negatives) are those of the
+            whole batch, so with the same ``generator`` state the ranks' mean losses average to
+            the loss of one process that holds every row. Default: ``assignment`` itself.
+        row_offset: see ``batch_assignment``.
 
     Returns:
-        (loss, accuracy): mean cross-entropy and the fraction (0-1) of rows whose arg-max column
-        is their label.
+        (loss, accuracy): mean cross-entropy over ``q``'s rows and the fraction (0-1) of them
+        whose arg-max column is their label.
     """
     _check_features("q", q)
     _check_features("prototypes", prototypes, q.shape[1])
@@ -152,26 +160,33 @@ def proto_nce(
     num_protos = prototypes.shape[0]
     if concentration.ndim != 1 or concentration.shape[0] != num_protos:
         raise ValueError(f"concentration must have shape ({num_protos},), got {tuple(concentration.shape)}")
-    assignment = assignment.long()
+    local = assignment.long()
+    assignment = local if batch_assignment is None else batch_assignment.long()
+    batch = q.shape[0]
+    if batch_assignment is not None and (assignment.ndim != 1 or not 0 <= row_offset <= assignment.numel() - batch
+                                         or not torch.equal(assignment[row_offset:row_offset + batch], local)):
+        raise ValueError(f"batch_assignment (shape {tuple(assignment.shape)}) must hold assignment at rows "
+                         f"{row_offset}..{row_offset + batch - 1}")
     if assignment.numel() and (int(assignment.min()) < 0 or int(assignment.max()) >= num_protos):
         raise ValueError(f"assignment ids must lie in [0, {num_protos}), got range "
                          f"[{int(assignment.min())}, {int(assignment.max())}]")
 
-    unique_pos, inverse = torch.unique(assignment, sorted=True, return_inverse=True)  # (U,), (B,)
+    unique_pos, inverse = torch.unique(assignment, sorted=True, return_inverse=True)  # (U,), (B_g,)
     negatives = sample_negative_prototypes(num_protos, unique_pos, num_negatives, generator=generator)
-    batch = q.shape[0]
+    full = assignment.numel()
     if duplicates == "dedupe":
         columns = torch.cat([unique_pos, negatives])
         labels = inverse
     else:
         columns = torch.cat([assignment, negatives])
         if duplicates == "remap":
-            positions = torch.arange(batch, device=q.device)
-            first = torch.full((unique_pos.numel(),), batch, dtype=torch.long, device=q.device)
+            positions = torch.arange(full, device=q.device)
+            first = torch.full((unique_pos.numel(),), full, dtype=torch.long, device=q.device)
             first = first.scatter_reduce(0, inverse, positions, reduce="amin")
             labels = first[inverse]
         else:
-            labels = torch.arange(batch, device=q.device)
+            labels = torch.arange(full, device=q.device)
+    labels = labels[row_offset:row_offset + batch]
     # Scale the (U + r, D) gathered prototypes by 1/phi rather than the (B, U + r) logits, and
     # gather with index_select (several times faster than advanced indexing on CPU).
     selected = torch.index_select(prototypes, 0, columns).to(q.dtype)
@@ -181,7 +196,7 @@ def proto_nce(
         if duplicates == "remap":
             # Copies of a prototype have equal logits up to the last bit, so judge the prototype
             # the arg-max column holds rather than the column index.
-            accuracy = (columns[logits.argmax(dim=1)] == assignment).float().mean()
+            accuracy = (columns[logits.argmax(dim=1)] == local).float().mean()
         else:
             accuracy = _accuracy(logits, labels)
     return F.cross_entropy(logits, labels), accuracy
@@ -330,11 +345,16 @@ class LevelBatch:
         prototypes: (M, D) centroids.
         assignment: (B,) cluster id of each batch row.
         concentration: (M,) per-prototype temperature.
+        batch_assignment: (B_g,) cluster ids of the whole step's batch when this process holds
+            only rows ``row_offset``.. of it (DDP); None: the batch is all here.
+        row_offset: where this process's rows start in ``batch_assignment``.
     """
 
     prototypes: Tensor
     assignment: Tensor
     concentration: Tensor
+    batch_assignment: Tensor | None = None
+    row_offset: int = 0
 
 
 def pcl_loss(
@@ -375,6 +395,7 @@ def pcl_loss(
                 loss_i, acc_i = proto_nce(
                     q, level.prototypes, level.assignment, level.concentration, config.num_negatives,
                     duplicates=config.duplicates, generator=generator,
+                    batch_assignment=level.batch_assignment, row_offset=level.row_offset,
                 )
             parts[f"loss_proto_{i}"] = loss_i.detach()
             parts[f"acc_proto_{i}"] = acc_i

@@ -20,6 +20,7 @@ from torch import Tensor
 
 BACKBONES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50")
 HEADS: tuple[str, ...] = ("linear", "mlp")
+KEY_BN: tuple[str, ...] = ("own", "ema", "query")
 
 
 class SmallCNN(nn.Module):
@@ -93,11 +94,21 @@ class MoCo(nn.Module):
         backbone, head, low_dim, width, small_stem: see :class:`Encoder`.
         queue_size: Q, number of keys kept as negatives.
         momentum: key-encoder EMA momentum m.
+        key_bn: where the key encoder's batch-norm running statistics come from (the key encoder
+            in eval mode embeds the images that are clustered and the kNN bank):
+
+            * ``own``: its own forward passes on the key batches (BN's usual running average);
+              :meth:`momentum_update` averages parameters only, as MoCo and PCL do.
+            * ``ema``: also an EMA of the query encoder's statistics at ``momentum``.
+            * ``query``: the query encoder's, copied every step (this project's first behaviour).
     """
 
     def __init__(self, backbone: str = "small_cnn", head: str = "mlp", low_dim: int = 128, *,
-                 queue_size: int = 4096, momentum: float = 0.999, width: int = 32, small_stem: bool = False) -> None:
+                 queue_size: int = 4096, momentum: float = 0.999, width: int = 32, small_stem: bool = False,
+                 key_bn: str = "own") -> None:
         super().__init__()
+        if key_bn not in KEY_BN:
+            raise ValueError(f"key_bn must be one of {KEY_BN}, got {key_bn!r}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if not 0.0 <= momentum < 1.0:
@@ -107,16 +118,23 @@ class MoCo(nn.Module):
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.momentum = momentum
+        self.key_bn = key_bn
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, low_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self) -> None:
+        """Key encoder <- EMA of the query encoder's parameters; its buffers as ``key_bn`` says."""
         m = self.momentum
         for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+        if self.key_bn == "own":
+            return
         for bq, bk in zip(self.encoder_q.buffers(), self.encoder_k.buffers()):
-            bk.copy_(bq)
+            if self.key_bn == "ema" and bk.is_floating_point():
+                bk.mul_(m).add_(bq, alpha=1 - m)
+            else:  # "query", and integer buffers (num_batches_tracked) under "ema"
+                bk.copy_(bq)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:

@@ -476,7 +476,11 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError(f"{p}: expected a mapping with keys {', '.join(TOP_KEYS)}")
     for k in data:
         if k not in TOP_KEYS:
-            raise ld.fail(k, "...", f"one of the top-level keys {', '.join(TOP_KEYS)}")
+            import difflib
+
+            close = difflib.get_close_matches(str(k), TOP_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ld.fail(k, "...", f"one of the top-level keys {', '.join(TOP_KEYS)}{hint}")
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ld.fail("fixed", fixed, "a mapping of settings")
@@ -634,6 +638,26 @@ def all_values(space: SearchSpace, key: str) -> list[Any]:
     return unset + arm_values
 
 
+def check_batch_size(space: SearchSpace) -> None:
+    """Every trial's batch, the global batch of a step, splits evenly across the trial's workers and
+    fits the training images (when the dataset's size is known without loading it); raises
+    :class:`SpaceError`. The epoch would refuse the first and silently shrink the second."""
+    r = space.resources
+    workers = max(1, int(r.workers_per_trial)) if r.executor == "train" else 1
+    key = "search.optim.batch_size" if space.param("optim.batch_size") else "fixed.optim.batch_size"
+    sizes = [int(v) for v in all_values(space, "optim.batch_size")]
+    uneven = [v for v in sizes if v % workers]
+    if uneven:
+        raise _Loader(space.path).fail(key, uneven[0], f"a multiple of the {workers} workers per trial (the batch "
+                                                       "is the global batch, split evenly across them)")
+    n_train = train_size(space.base_config())
+    if n_train is None:
+        return
+    if max(sizes) > n_train:
+        raise _Loader(space.path).fail(key, max(sizes), f"a batch size <= the {n_train} training images of "
+                                                        f"{space.base_config().data.dataset}")
+
+
 def validate_space(space: SearchSpace) -> None:
     """Cross-field checks before anything starts; raises :class:`SpaceError`."""
     p = space.path
@@ -659,6 +683,7 @@ def validate_space(space: SearchSpace) -> None:
         key = "search.pcl.cluster_schedule" if any(q.name == "pcl.cluster_schedule" for q in space.params) \
             else "fixed.pcl.cluster_schedule"
         raise ld.fail(key, largest, f"cluster counts <= the {n_train} training images of {base.data.dataset}")
+    check_batch_size(space)
     epochs = [int(v) for v in all_values(space, "epochs")]
     max_t = space.max_t if space.max_t is not None else max(epochs)
     ld.number("asha.max_t", max_t, integer=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import faiss
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from pcl_tune.clustering import (
+    ClusteringError,
     ClusterLevel,
     ClusterSchedule,
     cluster,
@@ -245,11 +247,43 @@ def test_cluster_rejects_bad_counts(backend: str) -> None:
     x, _ = gaussian_mixture(50, 4, 2, 0.1, 0)
     with pytest.raises(ValueError, match="cannot cluster 50 samples into 51"):
         cluster(x, 51, temperature=0.1, backend=backend)
-    with pytest.raises(ValueError, match="cannot cluster"):
+    with pytest.raises(ClusteringError, match=r"clustering level 1: cannot cluster 50 samples into 100 clusters.*"
+                                              r"lower that count in pcl.cluster_schedule"):
         cluster(x, [5, 100], temperature=0.1, backend=backend)
     with pytest.raises(ValueError, match="cannot cluster"):
         cluster(x, 0, temperature=0.1, backend=backend)
     assert cluster(x, 50, temperature=0.1, backend=backend, nredo=1)[0].num_clusters == 50
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")])
+def test_running_out_of_memory_names_the_level_and_the_fix(backend: str, error: Exception,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcl_tune.clustering as C
+
+    x, _ = gaussian_mixture(60, 4, 3, 0.1, 0)
+    calls: list[int] = []
+
+    def failing_at_the_second_level(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return original(*args, **kwargs)
+
+    name = "_kmeans_faiss" if backend.startswith("faiss") else "kmeans_torch"
+    original = getattr(C, name)
+    monkeypatch.setattr(C, name, failing_at_the_second_level)
+    with pytest.raises(ClusteringError) as info:
+        cluster(x, [4, 12, 20], temperature=0.1, backend=backend, nredo=1)
+    message = str(info.value)
+    assert message.startswith(f"clustering level 1 (12 clusters of 60 x 4 features, backend {backend}) ")
+    assert "ran out of memory" in message and "pcl.cluster_schedule" in message and "\n" not in message
+    # Other runtime errors are not relabelled as memory.
+    calls.clear()
+    error_other = RuntimeError("faiss assertion failed")
+    monkeypatch.setattr(C, name, lambda *a, **k: (_ for _ in ()).throw(error_other))
+    with pytest.raises(RuntimeError, match="faiss assertion failed"):
+        cluster(x, [4], temperature=0.1, backend=backend, nredo=1)
 
 
 def test_cluster_rejects_bad_features_and_backend() -> None:

@@ -7,9 +7,11 @@ process computes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,26 @@ def _embed_config() -> dict[str, Any]:
     })
 
 
+@contextlib.contextmanager
+def _recorded_batches() -> Iterator[list[torch.Tensor]]:
+    """Record the sample indices of every training step (what ``train_epoch`` iterates over)."""
+    import pcl_tune.train.epoch as epoch_mod
+
+    seen: list[torch.Tensor] = []
+    original = epoch_mod.iterate_batches
+
+    def recording(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for batch in original(*args, **kwargs):
+            seen.append(batch[0].clone())
+            yield batch
+
+    epoch_mod.iterate_batches = recording  # type: ignore[assignment]
+    try:
+        yield seen
+    finally:
+        epoch_mod.iterate_batches = original  # type: ignore[assignment]
+
+
 # --------------------------------------------------------------------------- the worker (run as a script)
 
 
@@ -98,7 +120,9 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         res["cluster_assignment"] = [lv.assignment.cpu() for lv in clusters.levels]
         res["cluster_centroids"] = [lv.centroids.cpu() for lv in clusters.levels]
         res["cluster_concentration"] = [lv.concentration.cpu() for lv in clusters.levels]
-        res["epoch_metrics"] = train_epoch(trainer, 0, clusters)
+        with _recorded_batches() as batches:
+            res["epoch_metrics"] = train_epoch(trainer, 0, clusters)
+        res["batches"] = batches
         res["params_q"] = [p.detach().clone() for p in trainer.model.encoder_q.parameters()]
         res["params_k"] = [p.detach().clone() for p in trainer.model.encoder_k.parameters()]
         res["buffers_q"] = [b.detach().clone() for b in trainer.model.encoder_q.buffers()]
@@ -235,6 +259,26 @@ def test_ddp_epoch_keeps_ranks_in_sync(two_ranks: list[dict[str, Any]]) -> None:
     for key in ("loss", "loss_inst", "acc_inst", "loss_proto", "acc_proto_0", "lr"):
         assert m0[key] == pytest.approx(m1[key], rel=1e-9), key
     assert all(torch.isfinite(torch.tensor(m0[k])) for k in ("loss", "loss_proto"))
+
+
+def test_two_ranks_train_on_one_process_global_batches(two_ranks: list[dict[str, Any]]) -> None:
+    """``optim.batch_size`` is the global batch: at every step the ranks' halves together are the
+    batch one process trains on, in as many steps (before, each rank took a whole batch per step:
+    two ranks trained at twice the batch, in half the steps)."""
+    from pcl_tune.config import config_from_dict
+    from pcl_tune.train import RunState, train_epoch
+
+    single = RunState.build(config_from_dict(_embed_config()))
+    with _recorded_batches() as batches:
+        train_epoch(single, 0, None)
+    global_bs = _embed_config()["optim.batch_size"]
+    assert [b.numel() for b in batches] == [global_bs] * (EMBED_SUBSET // global_bs)
+    per_rank = [r["batches"] for r in two_ranks]
+    assert all(len(steps) == len(batches) for steps in per_rank)
+    for step, batch in enumerate(batches):
+        halves = [steps[step] for steps in per_rank]
+        assert all(h.numel() == global_bs // WORLD for h in halves)
+        assert sorted(torch.cat(halves).tolist()) == sorted(batch.tolist()), step
 
 
 def test_ddp_epoch_keeps_batchnorm_buffers_in_sync(two_ranks: list[dict[str, Any]]) -> None:

@@ -646,6 +646,51 @@ def test_proto_nce_gradient_matches_reference_autograd() -> None:
     torch.testing.assert_close(q1.grad, q2.grad, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("duplicates", DUPLICATE_MODES)
+@pytest.mark.parametrize("parts", [2, 4])
+def test_proto_nce_split_across_ranks_equals_one_process(duplicates: str, parts: int) -> None:
+    """Under DDP each rank holds 1/W of the step's rows but the columns of the whole batch
+    (``batch_assignment``): the mean of the ranks' losses, and of their gradients (what DDP's
+    all-reduce takes), equal one process holding every row, with the same negatives drawn."""
+    for trial in range(3):
+        g = _gen(4242 + 10 * parts + trial)
+        lvl = _level(20, 16, 8, g)  # 16 rows, 20 prototypes: repeated positives
+        assert _has_repeats(lvl.assignment)
+        q_full = _unit(16, 8, g).requires_grad_(True)
+        loss, acc = proto_nce(q_full, lvl.prototypes, lvl.assignment, lvl.concentration, 5,
+                              duplicates=duplicates, generator=_gen(trial))  # type: ignore[arg-type]
+        loss.backward()
+        q_parts = [q.detach().clone().requires_grad_(True) for q in q_full.detach().chunk(parts)]
+        losses, accs = [], []
+        rows = 16 // parts
+        for r, q in enumerate(q_parts):
+            lr_, ar = proto_nce(q, lvl.prototypes, lvl.assignment[r * rows:(r + 1) * rows], lvl.concentration, 5,
+                                duplicates=duplicates, generator=_gen(trial),  # type: ignore[arg-type]
+                                batch_assignment=lvl.assignment, row_offset=r * rows)
+            (lr_ / parts).backward()
+            losses.append(lr_.item())
+            accs.append(ar.item())
+        assert sum(losses) / parts == pytest.approx(loss.item(), abs=1e-12)
+        assert sum(accs) / parts == pytest.approx(acc.item(), abs=1e-12)
+        grads = torch.cat([q.grad for q in q_parts])  # type: ignore[misc]
+        torch.testing.assert_close(grads, q_full.grad, atol=1e-12, rtol=1e-9)
+        # Without the batch's assignment a rank excludes only its own positives: other columns.
+        alone, _ = proto_nce(q_parts[0].detach(), lvl.prototypes, lvl.assignment[:rows], lvl.concentration, 5,
+                             duplicates=duplicates, generator=_gen(trial))  # type: ignore[arg-type]
+        assert alone.item() != pytest.approx(losses[0], abs=1e-9)
+
+
+def test_proto_nce_rejects_a_batch_assignment_that_does_not_hold_the_rows() -> None:
+    g = _gen(3)
+    q, protos = _unit(4, 6, g), _unit(5, 6, g)
+    batch = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    phi = torch.ones(5, dtype=F64)
+    proto_nce(q, protos, batch[4:], phi, 2, batch_assignment=batch, row_offset=4)  # valid
+    for offset in (2, 5, -1):
+        with pytest.raises(ValueError, match="must hold assignment at rows"):
+            proto_nce(q, protos, batch[4:], phi, 2, batch_assignment=batch, row_offset=offset)
+
+
 def test_proto_nce_rejects_bad_input() -> None:
     g = _gen(0)
     q, protos = _unit(4, 6, g), _unit(5, 6, g)

@@ -217,6 +217,20 @@ def test_plan_never_oversubscribes(tmp_path: Path) -> None:
     assert make_plan(direct, cluster_cpus=8, cluster_gpus=1).max_concurrent == 2  # GPU-bound: 2 halves
 
 
+def test_batch_is_global_and_must_split_evenly_across_workers(tmp_path: Path) -> None:
+    train = {"executor": "train", "workers_per_trial": 3, "cpus_per_worker": 1}
+    with pytest.raises(SpaceError, match=r"key 'fixed.optim.batch_size': got 64, expected a multiple of the 3 workers"):
+        load_space(write(tmp_path, patched(**{"resources": train, "fixed/optim": {"batch_size": 64}})))
+    searched = patched(**{"resources": {**train, "workers_per_trial": 2},
+                          "search/optim.batch_size": {"choice": [32, 48, 63]}})
+    with pytest.raises(SpaceError, match=r"key 'search.optim.batch_size': got 63, expected a multiple of the 2 workers"):
+        load_space(write(tmp_path, searched, "s.yaml"))
+    # One worker takes any batch.
+    ok = load_space(write(tmp_path, patched(**{"resources": {**train, "workers_per_trial": 1},
+                                               "fixed/optim": {"batch_size": 96}}), "ok.yaml"))
+    assert int(ok.base_config().optim.batch_size) == 96
+
+
 ABLATION: dict[str, Any] = {
     "fixed": {"epochs": 6, "pcl": {"warmup_epochs": 2}, "data": {"digits_copies": [1, 1, 1]}},
     "search": {"pcl.duplicates": {"choice": ["dedupe", "remap"]}},

@@ -99,26 +99,58 @@ def test_moco_forward_shapes_and_unit_norm() -> None:
         assert torch.equal(pq, pk) and not pk.requires_grad
 
 
-def test_moco_momentum_update_moves_key_towards_query() -> None:
+@pytest.mark.parametrize("key_bn", ["own", "ema", "query"])
+def test_moco_momentum_update_moves_key_towards_query(key_bn: str) -> None:
     torch.manual_seed(0)
-    model = MoCo("small_cnn", "linear", 8, queue_size=16, width=4, momentum=0.9)
+    model = MoCo("small_cnn", "linear", 8, queue_size=16, width=4, momentum=0.9, key_bn=key_bn)
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.add_(torch.randn_like(p))
         for b in model.encoder_q.buffers():
             if b.is_floating_point():
                 b.add_(1.0)
+            else:
+                b.add_(5)
     before = [p.clone() for p in model.encoder_k.parameters()]
     query = [p.clone() for p in model.encoder_q.parameters()]
+    key_buffers = [b.clone() for b in model.encoder_k.buffers()]
     model.momentum_update()
     for k0, q0, k1 in zip(before, query, model.encoder_k.parameters()):
         assert torch.allclose(k1, 0.9 * k0 + 0.1 * q0, atol=1e-6)
         assert (k1 - q0).norm() < (k0 - q0).norm() or torch.equal(k0, q0)
-    for bq, bk in zip(model.encoder_q.buffers(), model.encoder_k.buffers()):
-        assert torch.equal(bq, bk)
+    # Batch-norm statistics: MoCo averages weights only ("own"); the others follow the query's.
+    pairs = list(zip(key_buffers, model.encoder_q.buffers(), model.encoder_k.buffers()))
+    assert any(b.is_floating_point() for b, _, _ in pairs) and any(not b.is_floating_point() for b, _, _ in pairs)
+    for k0, bq, bk in pairs:
+        if key_bn == "own":
+            assert torch.equal(bk, k0)
+        elif key_bn == "ema" and bk.is_floating_point():
+            assert torch.allclose(bk, 0.9 * k0 + 0.1 * bq, atol=1e-6) and not torch.equal(bk, bq)
+        else:
+            assert torch.equal(bk, bq)
     # The query encoder is untouched.
     for q0, q1 in zip(query, model.encoder_q.parameters()):
         assert torch.equal(q0, q1)
+
+
+def test_key_encoder_keeps_its_own_batchnorm_statistics_in_training() -> None:
+    """The issue's defect: with statistics copied from the query encoder every step, the key encoder
+    (which embeds the clustered images and the kNN bank in eval mode) never kept statistics of its
+    own weights. Under ``own`` its running mean is the average of its own key batches."""
+    torch.manual_seed(0)
+    model = MoCo("small_cnn", "linear", 8, queue_size=16, width=4, momentum=0.9)
+    model.train()
+    bn_k = next(m for m in model.encoder_k.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn_q = next(m for m in model.encoder_q.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    for _ in range(3):
+        with torch.no_grad():
+            bn_q.running_mean.fill_(1000.0)  # statistics no key batch could produce
+        model.momentum_update()
+        model.keys(torch.randn(8, 3, 16, 16))
+    assert int(bn_k.num_batches_tracked) == 3
+    assert bn_k.running_mean.abs().max() < 100  # copied, they would be >= 900 (0.9 x 1000 + 0.1 x batch)
+    with pytest.raises(ValueError, match="key_bn must be one of"):
+        MoCo(width=4, key_bn="shared")
 
 
 def test_moco_enqueue_wraps_around() -> None:
@@ -265,6 +297,19 @@ def test_callback_once_per_epoch_with_checkpoint(straight_run: Run) -> None:
     assert not {"aug_gen", "neg_gen", "torch_rng", "numpy_rng", "python_rng"} & set(state)
 
 
+def test_step_batch_sizes_split_the_global_batch() -> None:
+    from pcl_tune.config import ConfigError
+    from pcl_tune.train.state import step_batch_sizes
+
+    assert step_batch_sizes(64, 1000, 1) == (64, 64)
+    assert step_batch_sizes(64, 1000, 4) == (64, 16)
+    assert step_batch_sizes(64, 30, 4) == (28, 7)  # a train set smaller than the batch: all of it, evenly
+    with pytest.raises(ConfigError, match=r"'optim.batch_size': got 64, which does not divide by the 3 workers"):
+        step_batch_sizes(64, 1000, 3)
+    with pytest.raises(ConfigError, match="fewer than the 4 workers"):
+        step_batch_sizes(4, 3, 4)
+
+
 def test_random_streams_differ_by_rank_epoch_stream_and_seed() -> None:
     from pcl_tune.train.state import STREAMS, stream_seed
 
@@ -401,6 +446,9 @@ def test_cli_end_to_end_and_refuses_existing_out(tmp_path: Path, subprocess_env:
     df = pd.read_csv(out / "metrics.csv")
     assert df["epoch"].tolist() == [1, 2, 3]
     assert torch.load(out / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=False)["epoch"] == 2
+    # --resume with only --out continues with the run's own config.yaml (width 8, not the default 32).
+    assert train_mod.main(["--out", str(out), "--epochs", "4", "--resume"]) == 0
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3, 4]
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")

@@ -251,6 +251,17 @@ def test_paired_matches_numeric_levels_by_text() -> None:
     assert (v.level, v.reference) == ("3", "1")
 
 
+def test_verdicts_of_fractions_keep_three_decimals() -> None:
+    """NMI lies in [0, 1]: at one decimal every difference read "−0.0 [−0.0, +0.0]"."""
+    d = pd.DataFrame({"f": ["a"] * 3 + ["b"] * 3, SEED_KEY: [0, 1, 2] * 2,
+                      "value": [0.090, 0.085, 0.095, 0.080, 0.078, 0.086]})
+    v = verdicts.paired(d, "nmi", "f", "b", "a")
+    assert v.sentence().startswith("b − a, nmi: ") and "−0.009 [" in v.sentence()
+    assert "0: −0.010" in v.row()["diffs"]
+    pct = verdicts.paired(d.assign(value=d["value"] * 100), METRIC, "f", "b", "a")
+    assert f"{METRIC}: " in pct.sentence() and "−0.9 points [" in pct.sentence()
+
+
 def test_paired_unresolved_when_the_interval_contains_zero() -> None:
     d = pd.DataFrame({"f": ["a"] * 4 + ["b"] * 4, SEED_KEY: [0, 1, 2, 3] * 2,
                       "value": [50.0, 60.0, 40.0, 55.0, 51.0, 59.0, 41.5, 54.0]})

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
+from .. import faults
 from ..data import iterate_batches
 from ..losses import LevelBatch, pcl_loss
 from .prototypes import EpochClusters
-from .state import RunState
+from .state import RunState, step_batch_sizes
 
 
 class TrainingDiverged(RuntimeError):
@@ -22,9 +23,12 @@ class TrainingDiverged(RuntimeError):
 def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> dict[str, float]:
     """Train ``epoch`` (0-based); returns the epoch's mean loss parts (accuracies in %), lr, throughput.
 
-    Every rank sees its strided share of one seeded permutation, so the epoch's batches do not
-    depend on how many ranks there are; the last partial batch is dropped, as MoCo does. The
-    rank's random streams are seeded from (seed, rank, epoch) first (:meth:`RunState.seed_epoch`).
+    ``optim.batch_size`` is the global batch: each step takes the next ``batch_size`` images of one
+    seeded permutation of the train set (the last partial batch is dropped, as MoCo does), and
+    each of the W ranks trains on a strided 1/W of them. So the images of a step, the number of
+    steps, the queue and the ProtoNCE columns (drawn for the global batch) do not depend on how
+    many ranks there are; only batch-norm statistics are per rank. The rank's random streams are
+    seeded from (seed, rank, epoch) first (:meth:`RunState.seed_epoch`).
     """
     cfg, model = run.cfg, run.model
     run.seed_epoch(epoch)
@@ -32,17 +36,20 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
     lr = run.lr_scheduler.get_last_lr()[0]
     n = len(run.data.train)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-    local = dist_utils.shard(perm, pad=True)
-    bs = min(cfg.optim.batch_size, local.numel())
-    num_batches = local.numel() // bs
+    global_bs, bs = step_batch_sizes(cfg.optim.batch_size, n, run.world)
+    num_batches = n // global_bs
+    local = dist_utils.shard(perm[: num_batches * global_bs].view(num_batches, global_bs), pad=False, dim=1)
     sums: dict[str, float] = {}
     seen = 0
     t0 = time.perf_counter()
-    batches = iterate_batches(run.data.train, local[: num_batches * bs], bs, num_workers=cfg.data.num_workers)
+    batches = iterate_batches(run.data.train, local.reshape(-1), bs, num_workers=cfg.data.num_workers)
     # A bar on a terminal only (disable=None): quiet in logs, CI and Tune trials (progress=False there).
     bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch",
                disable=None if cfg.progress and dist_utils.is_main() else True)
+    pausable = faults.armed()
     for b, (index, images, _) in enumerate(bar):
+        if pausable:
+            faults.pause_point(f"train_step/rank{run.rank}/epoch{epoch + 1}/step{b + 1}")
         images = images.to(run.device, non_blocking=True)
         im_q = run.augment(images, run.aug_gen).contiguous(memory_format=torch.channels_last)
         im_k = run.augment(images, run.aug_gen).contiguous(memory_format=torch.channels_last)
@@ -53,9 +60,16 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
         levels = []
         if clusters is not None:
             index = index.to(run.device)
-            levels = [LevelBatch(lv.centroids, lv.assignment[index], lv.concentration) for lv in clusters.levels]
+            # ProtoNCE's columns belong to the global batch: every rank sees all its rows' clusters.
+            step_index = dist_utils.all_gather_cat(index)
+            offset = dist_utils.rank() * index.numel()
+            levels = [LevelBatch(lv.centroids, lv.assignment[index], lv.concentration,
+                                 batch_assignment=lv.assignment[step_index], row_offset=offset)
+                      for lv in clusters.levels]
         loss, parts = pcl_loss(q, k, model.queue, levels, temperature=cfg.pcl.temperature, config=run.proto_cfg,
                                proto_weight=cfg.pcl.proto_weight, generator=run.neg_gen)
+        if cfg.inject_nan_epoch == epoch + 1 and run.rank == 0:  # (tests only: a run that diverges here)
+            loss = loss * float("nan")
         # Every rank agrees before backward: one rank stopping alone would leave the others
         # waiting in DDP's all-reduce until the process-group timeout.
         bad = dist_utils.first_bad_rank(bool(torch.isfinite(loss)), run.device)

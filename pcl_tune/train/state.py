@@ -29,7 +29,7 @@ from .. import distributed as dist_utils
 from ..augment import MoCoV2Augment
 from ..checkpoint import BEST_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, CHECKPOINT_METRICS, read_checkpoint
 from ..clustering import ClusterSchedule
-from ..config import OptimConfig, TrainConfig
+from ..config import ConfigError, OptimConfig, TrainConfig
 from ..data import DatasetSplits, augment_setting, load_datasets
 from ..losses import PrototypeLossConfig
 from ..model import MoCo
@@ -50,6 +50,22 @@ def stream_seed(seed: int, rank: int, epoch: int, stream: str) -> int:
         raise ValueError(f"unknown random stream {stream!r}; expected one of {STREAMS}")
     words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, rank, epoch, STREAMS.index(stream)]
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1
+
+
+def step_batch_sizes(batch_size: int, num_images: int, world: int) -> tuple[int, int]:
+    """(global, per-rank) batch of a training step: ``optim.batch_size`` split over ``world`` ranks.
+
+    A train set smaller than the batch trains on one batch of all of it (rounded down to a
+    multiple of the world). Raises :class:`~pcl_tune.config.ConfigError` when the batch does not
+    divide by the world, or when there are fewer images than ranks.
+    """
+    if batch_size % world:
+        raise ConfigError(f"key 'optim.batch_size': got {batch_size}, which does not divide by the {world} workers: "
+                          f"it is the global batch, split evenly across them (pick a multiple of {world})")
+    global_bs = min(batch_size, num_images - num_images % world)
+    if global_bs < world:
+        raise ConfigError(f"the train set has {num_images} image(s), fewer than the {world} workers")
+    return global_bs, global_bs // world
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,7 +109,8 @@ class RunState:
     aug_gen: torch.Generator
     """Augmentation (and shuffle-BN) draws; re-seeded every epoch by :meth:`seed_epoch`."""
     neg_gen: torch.Generator
-    """ProtoNCE negative-prototype draws; re-seeded every epoch by :meth:`seed_epoch`."""
+    """ProtoNCE negative-prototype draws; re-seeded every epoch by :meth:`seed_epoch`, the same on
+    every rank (the negatives belong to the global batch, which the ranks share)."""
     proto_cfg: PrototypeLossConfig
     amp: bool
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -109,13 +126,14 @@ class RunState:
             torch.cuda.set_device(device)
         rank, world = dist_utils.rank(), dist_utils.world_size()
         data = load_datasets(cfg)
+        step_batch_sizes(cfg.optim.batch_size, len(data.train), world)  # fails here, not at the first step
         schedule = ClusterSchedule.parse(cfg.pcl.cluster_schedule)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         m = cfg.model
         model = MoCo(m.backbone, m.head, m.low_dim, queue_size=m.queue_size, momentum=m.momentum,
-                     width=m.width, small_stem=m.small_stem).to(device)
+                     width=m.width, small_stem=m.small_stem, key_bn=m.key_bn).to(device)
         if device.type == "cuda" or m.backbone == "small_cnn":
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         query_net: torch.nn.Module = model.encoder_q
@@ -139,10 +157,14 @@ class RunState:
 
     def seed_epoch(self, epoch: int) -> None:
         """Seed this rank's random streams for ``epoch``: the augmentation and negative-sampling
-        generators and the global torch / NumPy / Python generators, from (seed, rank, epoch)."""
+        generators and the global torch / NumPy / Python generators, from (seed, rank, epoch).
+
+        The negative-prototype stream is rank 0's on every rank: ProtoNCE draws one set of
+        negatives per step for the global batch, so a run on W ranks draws what one process does.
+        """
         seed = self.cfg.seed
         self.aug_gen.manual_seed(stream_seed(seed, self.rank, epoch, "augment"))
-        self.neg_gen.manual_seed(stream_seed(seed, self.rank, epoch, "negatives"))
+        self.neg_gen.manual_seed(stream_seed(seed, 0, epoch, "negatives"))
         torch.manual_seed(stream_seed(seed, self.rank, epoch, "torch"))
         np.random.seed(stream_seed(seed, self.rank, epoch, "numpy") & 0xFFFFFFFF)
         random.seed(stream_seed(seed, self.rank, epoch, "python"))
