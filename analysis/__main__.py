@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")  # a command writes files; Optuna's figures go through pyplot
     if args.top < 1:
-        print("error: --top must be >= 1", file=sys.stderr)
+        print(f"error: --top {args.top}: expected an integer >= 1", file=sys.stderr)
         return 2
     experiments: list[Experiment] = []
     for run_dir in args.run_dirs:

@@ -50,13 +50,19 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]
         p = p / CHECKPOINT_FILE
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}")
+    with open(p, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # a torch.save zip file, or its legacy pickle format
+        raise CheckpointError(f"{p}: not a readable checkpoint (not a torch.save file)")
     try:
         # weights_only: tensors and plain containers only, never arbitrary pickled objects; the
         # one extra type a run state holds is the numpy array of numpy's RNG state.
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a pickle at all, or a damaged one
+        message = str(e).lower()  # torch words it "Unsupported global" or "unsupported GLOBAL ... is blocked"
+        if "unsupported global" not in message and "weights only load failed" not in message:
+            # not a pickle at all, or a damaged one
             raise CheckpointError(f"{p}: not a readable checkpoint (not a torch.save file)") from None
         raise CheckpointError(f"{p}: holds pickled Python objects besides tensors and plain values; pcl_tune loads "
                               "checkpoints with torch.load(weights_only=True) and will not run that code") from None
@@ -67,6 +73,23 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]
             or not isinstance(state.get("model"), Mapping)):
         raise CheckpointError(f"{p}: not a pcl_tune pretraining checkpoint (it needs 'config' and 'model' entries)")
     return p, state
+
+
+def weights_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str | None:
+    """How the state dict ``found`` fails to fit a model whose state dict is ``expected`` (a few
+    missing or unexpected names, else the first shape that differs), or None when it fits."""
+    def shape(v: Any) -> tuple[int, ...]:
+        return tuple(getattr(v, "shape", ()))
+
+    for what, names in (("missing", [k for k in expected if k not in found]),
+                        ("unexpected", [k for k in found if k not in expected])):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            return f"{what} {', '.join(names[:3])}{more}"
+    wrong = [k for k in expected if shape(found[k]) != shape(expected[k])]
+    if wrong:
+        return f"{wrong[0]} has shape {shape(found[wrong[0]])}, expected {shape(expected[wrong[0]])}"
+    return None
 
 
 def checkpoint_history(ckpt_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -34,6 +34,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
+class UnreadableImageError(OSError):
+    """A dataset image file that cannot be decoded; the message is one line naming the file."""
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an :class:`UnreadableImageError`, also when a DataLoader worker raised it
+    (torch re-raises it with the worker's traceback in the message: its last line is the message)."""
+    line = (str(e).strip().splitlines() or [""])[-1]
+    head, sep, rest = line.partition("UnreadableImageError: ")
+    return rest if sep and " " not in head else line
+
+
 class TensorImageDataset(Dataset):
     """Images held in memory as one uint8 tensor.
 
@@ -81,15 +93,20 @@ class FileImageDataset(Dataset):
         from PIL import Image
 
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = self.load_size / min(w, h)
-            nw, nh = max(self.load_size, round(w * scale)), max(self.load_size, round(h * scale))
-            im = im.resize((nw, nh), Image.BILINEAR)
-            left, top = (nw - self.load_size) // 2, (nh - self.load_size) // 2
-            im = im.crop((left, top, left + self.load_size, top + self.load_size))
-            arr = np.asarray(im, dtype=np.uint8).copy()
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = self.load_size / min(w, h)
+                nw, nh = max(self.load_size, round(w * scale)), max(self.load_size, round(h * scale))
+                im = im.resize((nw, nh), Image.BILINEAR)
+                left, top = (nw - self.load_size) // 2, (nh - self.load_size) // 2
+                im = im.crop((left, top, left + self.load_size, top + self.load_size))
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for a damaged file
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise UnreadableImageError(f"{path}: not a readable image ({type(e).__name__}: {first}); "
+                                       "replace or remove the file") from None
         return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label
 
     def subset(self, indices: Tensor | np.ndarray) -> FileImageDataset:
@@ -138,8 +155,11 @@ def iterate_batches(
         return
     loader = DataLoader(torch.utils.data.Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, persistent_workers=False)
-    for b, images, labels in loader:
-        yield b.long(), images, labels.long()
+    try:
+        for b, images, labels in loader:
+            yield b.long(), images, labels.long()
+    except UnreadableImageError as e:  # from a worker: its traceback is in the message
+        raise UnreadableImageError(_one_line(e)) from None
 
 
 # --------------------------------------------------------------------------- digit scenes
@@ -263,12 +283,7 @@ def digit_scenes(
 def scan_image_folder(root: str | os.PathLike[str], classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) pairs of an ImageFolder layout ``root/<class>/<image>``, classes sorted."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (expected {root}/<class>/<image files>)")
-    if classes is None:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<images>)")
+    classes = _class_folders(root) if classes is None else classes
     samples = []
     for label, c in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(root / c)):
@@ -276,8 +291,55 @@ def scan_image_folder(root: str | os.PathLike[str], classes: list[str] | None = 
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), label))
     if not samples:
-        raise FileNotFoundError(f"image folder {root} has no images with extensions {IMAGE_EXTENSIONS}")
+        raise FileNotFoundError(_no_images(root))
     return samples, classes
+
+
+def _class_folders(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (expected {root}/<class>/<image files>)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<images>)")
+    return classes
+
+
+def _no_images(root: Path) -> str:
+    return f"image folder {root} has no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
+
+
+def _folder_layout(base: Path) -> str:
+    return f"image folder dataset {base}: expected {base}/train/<class>/<images> (and optionally {base}/val, {base}/test)"
+
+
+def _mini_imagenet_layout(base: Path, part: str) -> str:
+    return (f"mini-ImageNet root {base}: missing {base}/{part}/<class>/<images> "
+            "(expected the 64/16/20 class split as train/val/test folders)")
+
+
+def check_dataset(cfg: TrainConfig) -> None:
+    """Whether a config's dataset files are where it says, cheaply: the folder layout and one image
+    per split, nothing decoded or fully scanned. Raises FileNotFoundError (one line) as loading would."""
+    d = cfg.data
+    if d.dataset == "digits":
+        return
+    base = Path(d.root or ".")
+    if d.dataset in ("cifar10", "cifar100"):
+        folder = base / ("cifar-10-batches-py" if d.dataset == "cifar10" else "cifar-100-python")
+        if not d.download and not folder.is_dir():
+            raise FileNotFoundError(f"{d.dataset} not found under {str(base)!r} (no {folder.name} folder); set "
+                                    "data.download: true to fetch it")
+        return
+    parts = ("train", "val", "test") if d.dataset == "miniimagenet" else ("train",)
+    for part in parts:
+        if not (base / part).is_dir():
+            raise FileNotFoundError(_mini_imagenet_layout(base, part) if d.dataset == "miniimagenet"
+                                    else _folder_layout(base))
+        root = base / part
+        found = any(f.lower().endswith(IMAGE_EXTENSIONS) for c in _class_folders(root)
+                    for _, _, files in os.walk(root / c) for f in files)
+        if not found:
+            raise FileNotFoundError(_no_images(root))
 
 
 def _holdout(labels: Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -301,8 +363,7 @@ def image_folder(root: str, *, image_size: int, val_fraction: float = 0.1, seed:
     """
     base = Path(root)
     if not (base / "train").is_dir():
-        raise FileNotFoundError(f"image folder dataset {base}: expected {base}/train/<class>/<images> "
-                                f"(and optionally {base}/val, {base}/test)")
+        raise FileNotFoundError(_folder_layout(base))
     train_samples, classes = scan_image_folder(base / "train")
     train = FileImageDataset(train_samples, image_size)
     if (base / "val").is_dir():
@@ -349,8 +410,7 @@ def mini_imagenet(root: str, *, image_size: int = 84, val_fraction: float = 0.1,
     base = Path(root)
     for part in ("train", "val", "test"):
         if not (base / part).is_dir():
-            raise FileNotFoundError(f"mini-ImageNet root {base}: missing {base}/{part}/<class>/<images> "
-                                    "(expected the 64/16/20 class split as train/val/test folders)")
+            raise FileNotFoundError(_mini_imagenet_layout(base, part))
     train_samples, classes = scan_image_folder(base / "train")
     full = FileImageDataset(train_samples, image_size)
     keep, held = _holdout(full.labels, val_fraction, seed)

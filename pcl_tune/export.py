@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, read_checkpoint
+from .config import unwritable_reason
 
 FORMATS: tuple[str, ...] = ("torchvision", "detectron2")
 EXPORTABLE_BACKBONES: tuple[str, ...] = ("resnet18", "resnet50")
@@ -214,10 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; 0 on success, 2 with one ``error: ...`` line on stderr otherwise."""
     args = build_parser().parse_args(argv)
     try:
+        reason = unwritable_reason(args.out, folder=False)
+        if reason:  # before loading a checkpoint that may be large
+            raise ExportError(f"--out {args.out}: {reason}")
         backbone = load_backbone(args.checkpoint, allow_small_stem=args.allow_small_stem)
         n = write_backbone(backbone, fmt=args.fmt, out=args.out)
-    except ExportError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (ExportError, OSError) as e:
+        print(f"error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 2
     print(f"wrote {args.fmt} weights of the {backbone.arch} query backbone ({n} tensors) to {args.out}")
     if backbone.small_stem:

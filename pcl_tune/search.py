@@ -13,6 +13,8 @@ import argparse
 import logging
 import math
 import os
+import re
+import shlex
 import shutil
 import sys
 import time
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from . import experiment_folder as F
-from .space import SearchSpace, SpaceError, load_space
+from .config import unwritable_reason
+from .data import check_dataset
+from .space import SearchSpace, SpaceError, check_batch_size, load_space
 from .trials import direct_trial, threads_for, train_trial
 
 log = logging.getLogger("pcl_tune.search")
@@ -157,7 +161,11 @@ def _init_ray(args: argparse.Namespace, want_dashboard: bool) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:  # e.g. `auto` with no cluster on this machine
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise SpaceError(f"address {address!r}: no Ray cluster to join ({first})") from None
         return
     kwargs: dict[str, Any] = {"include_dashboard": want_dashboard, "log_to_driver": True}
     if want_dashboard:
@@ -178,6 +186,54 @@ def _init_ray(args: argparse.Namespace, want_dashboard: bool) -> None:
                       "(stored in ~/.ray/auth_token)") if os.environ.get("RAY_AUTH_MODE", "token") != "disabled" \
             else "token auth disabled (RAY_AUTH_MODE=disabled)"
         print(f"[pcl_tune] Ray dashboard: http://{url}  ({token_note})", flush=True)
+
+
+def _check_address(address: str, what: str, timeout: float = 3.0) -> None:
+    """Fail fast (one line) when ``address`` (``host:port``, ``ray://host:port``) does not accept a
+    TCP connection: Ray itself retries for minutes (still at 150 s, measured). ``auto`` is left to Ray."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = f"no answer in {timeout:g} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise SpaceError(f"{what} {address}: no Ray cluster answers there ({reason}); start one with "
+                         "`ray start --head` or check the address") from None
+
+
+def _check_resumable(exp_dir: Path, name: str) -> None:
+    """``exp_dir`` holds a search that ``--resume`` can continue; raises :class:`SpaceError`."""
+    if not exp_dir.exists():
+        raise SpaceError(f"--resume --name {name}: no experiment {exp_dir} to resume (check --name and --storage-path)")
+    if not (exp_dir / F.SPACE_YAML).is_file():
+        raise SpaceError(f"{exp_dir}: not a pcl_tune experiment (no {F.SPACE_YAML}); nothing to resume")
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        raise SpaceError(f"{exp_dir}: Ray Tune saved no state there (the search stopped before it started); "
+                         "nothing to resume: start it again under another --name")
+
+
+def _check_cli_numbers(args: argparse.Namespace) -> None:
+    """Command-line numbers in their ranges; raises :class:`SpaceError` naming the option."""
+    checks = [("num_samples", 1, "an integer >= 1"), ("max_concurrent", 1, "an integer >= 1"),
+              ("workers_per_trial", 0, "0 (direct executor) or a number of DDP workers >= 1"),
+              ("gpus_per_trial", 0, "a number >= 0"), ("gpus_per_worker", 0, "a number >= 0"),
+              ("cpus_per_worker", 0, "a number >= 0"), ("cpus_per_trial", 0, "a number >= 0"),
+              ("num_cpus", 0, "an integer >= 0"), ("num_gpus", 0, "an integer >= 0"),
+              ("max_failures", 0, "an integer >= 0"), ("dashboard_port", 0, "a port number in 0..65535")]
+    for name, low, expected in checks:
+        value = getattr(args, name)
+        if value is not None and (value < low or (name == "dashboard_port" and value > 65535)):
+            raise SpaceError(f"--{name.replace('_', '-')} {value:g}: expected {expected}")
+    if args.workers_per_trial == 0 and args.executor == "train":
+        raise SpaceError("--workers-per-trial 0 --executor train: expected --workers-per-trial >= 1 for the train "
+                         "executor (0 means the direct executor)")
 
 
 def _port_free(port: int, *, pick: bool = False) -> Any:
@@ -314,23 +370,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""An experiment name: a folder name under ``--storage-path``, never a path out of it."""
+
+
+def check_experiment_name(name: str, where: str) -> None:
+    """Refuse a name that is not a plain folder name (``../x``, ``/abs``, ``a b; rm``): raises SpaceError."""
+    if not EXPERIMENT_NAME.fullmatch(str(name)):
+        raise SpaceError(f"{where}: got {str(name)!r}, expected an experiment name of letters, digits, '.', '_' "
+                         "and '-' (a folder under --storage-path), starting with a letter or digit")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     storage_root = Path(args.storage_path).expanduser().resolve()
     try:
+        _check_cli_numbers(args)
         if args.resume and not args.space and not args.name:
             raise SpaceError("--resume needs --name (or --space) to find the experiment folder")
         if args.resume and not args.space:
+            check_experiment_name(args.name, "--name")
+            _check_resumable(storage_root / args.name, args.name)
             space_file = storage_root / args.name / F.SPACE_YAML
-            if not space_file.is_file():
-                raise SpaceError(f"{storage_root / args.name}: not a pcl_tune experiment (no {F.SPACE_YAML})")
         else:
             if not args.space:
                 raise SpaceError("--space FILE is required (see search_spaces/)")
             space_file = Path(args.space)
         space = apply_cli(load_space(space_file), args)
+        check_batch_size(space)  # again: --workers-per-trial changes how the batch splits
         name = args.name or space.name
+        check_experiment_name(name, "--name" if args.name else f"{space.path}: key 'name'")
         exp_dir = storage_root / name
         if args.dry_run:
             import multiprocessing
@@ -347,10 +417,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  resources ({where}; assumed {cpus:g} CPU / {gpus:g} GPU): {plan_text}")
             print(f"  experiment folder: {exp_dir}")
             return 0
-        if args.resume and not exp_dir.is_dir():
-            raise SpaceError(f"{exp_dir}: no experiment to resume")
+        if args.resume and args.space:
+            _check_resumable(exp_dir, name)
         if not args.resume and exp_dir.exists() and any(exp_dir.iterdir()):
             raise SpaceError(f"{exp_dir} already exists; pass --resume to continue it or choose another --name")
+        reason = unwritable_reason(exp_dir, folder=True)
+        if reason:
+            raise SpaceError(f"--storage-path {args.storage_path}: cannot write the experiment folder {exp_dir}: {reason}")
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            _check_address(address, "--address" if args.address else "RAY_ADDRESS")
+        else:  # on a cluster the data live on its nodes, not necessarily here
+            try:
+                check_dataset(space.base_config())
+            except OSError as e:
+                raise SpaceError(f"{space_file}: key 'data.root': {e}") from None
     except SpaceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -367,7 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     # intended trade-off (resume loses at most one epoch), so Tune's warning about it is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
-    _init_ray(args, want_dashboard)
+    try:
+        _init_ray(args, want_dashboard)
+    except SpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     res = ray.cluster_resources()
     try:
         plan = make_plan(space, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
@@ -381,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(space_file, exp_dir / F.SPACE_YAML)
         F.write_space_json(exp_dir, space, {
             "executor": plan.executor, "workers_per_trial": plan.workers_per_trial, "smoke": bool(args.smoke),
-            "command": " ".join([sys.executable, "-m", "pcl_tune.search"] + (argv if argv is not None else sys.argv[1:])),
+            "command": shlex.join([sys.executable, "-m", "pcl_tune.search"] + (argv if argv is not None else sys.argv[1:])),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         })
     tuner = build_tuner(space, plan, exp_dir, max_failures=args.max_failures, restore=args.resume)
@@ -393,8 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         _write_report(exp_dir)
     if unfinished and len(results) < space.total_trials():
-        print(f"[pcl_tune] the search stopped early; continue it with: python -m pcl_tune.search --name {name} "
-              f"--storage-path {storage_root} --resume", flush=True)
+        print("[pcl_tune] the search stopped early; continue it with: "
+              + shlex.join(["python", "-m", "pcl_tune.search", "--name", name, "--storage-path", str(storage_root),
+                            "--resume"]), flush=True)
     return 0 if best is not None else 1
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, parse_overrides
+from ..config import ConfigError, parse_overrides, unwritable_reason
 from .encoder import EvaluationError, LoadedEncoder, extract_features, load_encoder, split
 from .fewshot import fewshot_episodes
 from .knn import knn_accuracy
@@ -150,11 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Numbers in their ranges and a writable ``--out``, before any work; raises :class:`EvaluationError`."""
+    for name, value, low in (("--top", args.top, 1), ("--ways", args.ways, 2), ("--queries", args.queries, 1),
+                             ("--episodes", args.episodes, 1), ("--semi-epochs", args.semi_epochs, 1),
+                             ("--voc-draws", args.voc_draws, 1)):
+        if value < low:
+            raise EvaluationError(f"{name} {value}: expected an integer >= {low}")
+    if not args.shots or min(args.shots) < 1:
+        raise EvaluationError(f"--shots {','.join(map(str, args.shots))}: expected shots >= 1, e.g. 1,5")
+    if not args.fractions or not all(0 < f <= 1 for f in args.fractions):
+        raise EvaluationError(f"--fractions {','.join(f'{f:g}' for f in args.fractions)}: expected label "
+                              "fractions in (0, 1], e.g. 0.01,0.1")
+    if args.out:
+        reason = unwritable_reason(args.out, folder=False)
+        if reason:
+            raise EvaluationError(f"--out {args.out}: {reason}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.overrides = parse_overrides(args.sets)
-    except ConfigError as e:
+        check_arguments(args)
+    except (ConfigError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.tasks = args.tasks or (["fewshot", "linear"] if args.best else ["fewshot"])
@@ -175,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(_table(rows))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=2, default=_json_default))
     return 0
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import eval_transform
-from ..checkpoint import CheckpointError, read_checkpoint
+from ..checkpoint import CheckpointError, read_checkpoint, weights_mismatch
 from ..config import ConfigError, TrainConfig, config_from_dict, merge
 from ..data import DatasetSplits, ImageDataset, iterate_batches, load_datasets
 from ..model import Encoder, MoCo
@@ -58,13 +58,16 @@ def load_encoder(checkpoint: str | os.PathLike[str], *, overrides: dict[str, Any
     model = MoCo(m.backbone, m.head, m.low_dim, queue_size=m.queue_size, momentum=m.momentum, width=m.width,
                  small_stem=m.small_stem)
     if not random_init:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            detail = first[1].strip() if len(first) > 1 else first[0]
+        detail = weights_mismatch(model.state_dict(), state["model"])
+        if detail is None:
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError as e:
+                lines = str(e).strip().splitlines()
+                detail = (lines[1].strip() if len(lines) > 1 else lines[0])[:300]
+        if detail is not None:
             raise EvaluationError(f"{path}: its weights do not fit a {m.backbone} (width {m.width}, "
-                                  f"small_stem {m.small_stem}) encoder: {detail}") from None
+                                  f"small_stem {m.small_stem}) encoder: {detail}")
     encoder = model.encoder_k if cfg.eval.encoder == "key" else model.encoder_q
     encoder = encoder.to(dev).eval()
     try:
