@@ -80,6 +80,18 @@ def _finished_unchanged(before: dict[str, pd.DataFrame], after: dict[str, pd.Dat
                                       .reset_index(drop=True))
 
 
+def _resume_and_check(runs: Path, name: str, before: dict[str, pd.DataFrame]) -> None:
+    """``--resume`` the killed search; then all 3 trials have epochs 1-4 once, and the trials that
+    had finished before the kill were not trained again."""
+    proc = subprocess.run(_resume_args(runs, name, "--num-cpus", "2"), capture_output=True, text=True,
+                          timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = _trials(runs / name)
+    assert len(after) == 3
+    _no_gaps(after, 4)
+    _finished_unchanged(before, after, 4)
+
+
 def _three_trials(tmp_path: Path) -> Path:
     space = _space(tmp_path, lrs=[0.08, 0.04, 0.02], num_samples=3, epochs=4,
                    resources={"executor": "direct", "cpus_per_trial": 1, "max_concurrent": 1})
@@ -101,13 +113,7 @@ def test_driver_killed_between_a_result_and_its_log_row_then_resumed(tmp_path: P
     # The window the fault needs: epoch 2's checkpoint is on storage, its row is not in the log.
     assert before[second]["epoch"].tolist() == [1]
     assert "checkpoint_000001" in {p.name for p in (exp / second).glob("checkpoint_*")}
-    proc = subprocess.run(_resume_args(runs, "kill", "--num-cpus", "2"), capture_output=True, text=True,
-                          timeout=600, env=_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    after = _trials(exp)
-    assert len(after) == 3
-    _no_gaps(after, 4)
-    _finished_unchanged(before, after, 4)
+    _resume_and_check(runs, "kill", before)
 
 
 def test_driver_killed_between_optuna_commit_and_tune_snapshot_then_resumed(tmp_path: Path) -> None:
@@ -120,13 +126,7 @@ def test_driver_killed_between_optuna_commit_and_tune_snapshot_then_resumed(tmp_
         states = [s for (s,) in db.execute("SELECT state FROM trials ORDER BY number")]
     assert states[0] == "COMPLETE"
     before = _trials(exp)
-    proc = subprocess.run(_resume_args(runs, "kill", "--num-cpus", "2"), capture_output=True, text=True,
-                          timeout=600, env=_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    after = _trials(exp)
-    assert len(after) == 3
-    _no_gaps(after, 4)
-    _finished_unchanged(before, after, 4)
+    _resume_and_check(runs, "kill", before)
     import optuna
 
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{exp / 'optuna.db'}")

@@ -297,6 +297,37 @@ def test_callback_once_per_epoch_with_checkpoint(straight_run: Run) -> None:
     assert not {"aug_gen", "neg_gen", "torch_rng", "numpy_rng", "python_rng"} & set(state)
 
 
+def test_a_full_disk_keeps_the_previous_checkpoint(tiny_config: dict[str, Any], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while epoch 2's checkpoint is written: the error names the file, the partial
+    file is gone and epoch 1's checkpoint still loads, so a resume loses nothing already finished."""
+    import errno
+
+    from pcl_tune.checkpoint import read_checkpoint
+
+    real_save = torch.save
+    saves: list[str] = []
+
+    def filling_up(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        saves.append(str(f))
+        if isinstance(obj, dict) and obj.get("epoch") == 1 and "optimizer" in obj:
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", filling_up)
+    with pytest.raises(OSError, match=r"cannot write .*checkpoint\.pt: No space left on device; the previous "
+                                      r"checkpoint\.pt is kept") as info:
+        train_loop({**tiny_config, "epochs": 3}, out_dir=tmp_path, verbose=False)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not list((tmp_path / CHECKPOINT_DIR).glob("*.tmp"))
+    assert read_checkpoint(tmp_path / CHECKPOINT_DIR)[1]["epoch"] == 0
+    assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1]
+    assert len(train_loop({**tiny_config, "epochs": 3}, out_dir=tmp_path, verbose=False,
+                          resume_from=tmp_path / CHECKPOINT_DIR)) == 3
+
+
 def test_step_batch_sizes_split_the_global_batch() -> None:
     from pcl_tune.config import ConfigError
     from pcl_tune.train.state import step_batch_sizes

@@ -206,18 +206,14 @@ class RunState:
             return None
         ckpt_dir = out_dir / CHECKPOINT_DIR
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_dir / (CHECKPOINT_FILE + ".tmp")
-        torch.save(self.state_dict(epoch), tmp)
-        os.replace(tmp, ckpt_dir / CHECKPOINT_FILE)
+        _write_atomically(ckpt_dir / CHECKPOINT_FILE, lambda f: torch.save(self.state_dict(epoch), f))
         if best:
-            tmp = ckpt_dir / (BEST_FILE + ".tmp")
-            torch.save({"epoch": epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                        "metric": self.cfg.eval.best_metric, "value": self.history[-1].get(self.cfg.eval.best_metric)},
-                       tmp)
-            os.replace(tmp, ckpt_dir / BEST_FILE)
-        tmp = ckpt_dir / (CHECKPOINT_METRICS + ".tmp")
-        tmp.write_text(json.dumps(self.history, default=float))
-        os.replace(tmp, ckpt_dir / CHECKPOINT_METRICS)
+            weights = {"epoch": epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                       "metric": self.cfg.eval.best_metric,
+                       "value": self.history[-1].get(self.cfg.eval.best_metric)}
+            _write_atomically(ckpt_dir / BEST_FILE, lambda f: torch.save(weights, f))
+        _write_atomically(ckpt_dir / CHECKPOINT_METRICS,
+                          lambda f: f.write_text(json.dumps(self.history, default=float)))
         return ckpt_dir
 
     def resume(self, path: str | os.PathLike[str]) -> None:
@@ -225,6 +221,18 @@ class RunState:
         p, state = read_checkpoint(path)
         self.load_state_dict(state)
         log.info("resumed from %s at epoch %d", p, self.start_epoch)
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """``write(tmp)`` then rename over ``path``: a crash or a full disk leaves the previous file
+    whole. On an OSError the partial file is removed and the error names the file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; the previous {path.name} is kept") from e
 
 
 def is_new_best(history: list[dict[str, Any]], metric: str) -> bool:
