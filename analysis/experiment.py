@@ -57,9 +57,9 @@ class Experiment:
             ran ``max_t`` epochs / stopped: ended earlier, ASHA stopped it / errored / running: no
             terminal result yet); ``order`` (0 = started first); one column per searched parameter
             (dotted name, e.g. ``optim.lr``; NaN where a conditional parameter was not sampled);
-            ``epochs`` (epochs run); ``best_epoch`` (epoch of the best objective);
-            ``best_<metric>`` (the objective: best value over the trial's epochs, NaN if never
-            reported); ``wall_time_s`` (Tune's ``time_total_s``: trial start-up included);
+            ``epochs`` (epochs run); ``best_epoch`` (epoch of the trial's best objective);
+            ``best_<metric>`` (best value over the trial's epochs, NaN if never reported) and
+            ``last_<metric>``: the trial's score is one of them (:attr:`objective_col`); ``wall_time_s`` (Tune's ``time_total_s``: trial start-up included);
             ``train_time_s`` (sum of ``time_epoch``); ``start_time`` (unix seconds);
             ``checkpoint`` (latest checkpoint folder or None); ``error`` (last line of
             ``error.txt``, None if none); ``trial_dir``; then for every numeric metric M the
@@ -95,8 +95,14 @@ class Experiment:
     # ------------------------------------------------------------------ basics
     @property
     def objective_col(self) -> str:
-        """Column of :attr:`trials` with each trial's objective (``best_<metric>``)."""
-        return f"best_{self.metric}"
+        """Column of :attr:`trials` with each trial's score: ``last_<metric>`` or ``best_<metric>``, as
+        the space's ``objective.score`` says (the rule Optuna and the search's summary used)."""
+        return f"{self.score}_{self.metric}"
+
+    @property
+    def score(self) -> str:
+        """``last`` or ``best``: how a trial is scored (the space's ``objective.score``)."""
+        return self.space.score if self.space.score in ("last", "best") else "last"
 
     @property
     def own_objective(self) -> bool:
@@ -170,10 +176,10 @@ class Experiment:
 
     # ------------------------------------------------------------------ best
     def best(self) -> BestTrial:
-        """The best value of the objective over every epoch of every trial (ties: the trial that
-        started first), as :func:`pcl_tune.experiment_folder.best_epoch` defines it."""
+        """The best trial by its score (:attr:`score`: its last or its best epoch; ties: the trial
+        that started first), as :func:`pcl_tune.experiment_folder.best_epoch` defines it."""
         self.require_results()
-        b = best_epoch(self.epochs, self.metric, self.mode)
+        b = best_epoch(self.epochs, self.metric, self.mode, self.score)
         if b is None:  # require_results saw a number; only infinities are left
             raise EmptyExperimentError(f"{self.path}: no finite value of {self.metric} reported yet")
         raw = self._raw[b.trial_id]
@@ -448,7 +454,7 @@ def compare(experiments: list[Experiment]) -> pd.DataFrame:
     """Side-by-side headline numbers, one row per experiment.
 
     Columns: ``experiment`` (folder name), ``path``, ``name`` (space name), ``metric``, ``mode``,
-    ``best`` (best objective over all epochs), ``best_trial``, ``trials``, ``finished``,
+    ``best`` (the best trial's score: its last or best epoch, ``objective.score``), ``best_trial``, ``trials``, ``finished``,
     ``stopped``, ``errored``, ``running``, ``pending``, ``max_t``, ``epochs_spent``, ``epochs_full_budget``,
     ``saved_fraction``, ``train_time_s``, ``complete``.
     """

@@ -1,17 +1,20 @@
 """Parameter importance: Optuna's evaluators on the persisted study, or a labelled simple fallback.
 
 Optuna's importance (``optuna.importance.get_param_importances``) fits a model of the objective
-on the completed trials of the study in ``optuna.db``. The study's value of a trial is what Ray's
-``OptunaSearch`` told it: the objective at the trial's last epoch (an ASHA-stopped trial is
-recorded with its value at the stop). Optuna assesses only parameters present in every completed
-trial, so conditional parameters drop out of its ranking.
+on the completed trials of the study in ``optuna.db``. The study's value of a trial is what the
+search's searcher (:mod:`pcl_tune.searcher`) told it: its score (``objective.score``, the last or
+the best epoch's objective) when it finished. An ASHA-stopped trial is PRUNED there (or, with
+``searcher.stopped_trials: complete`` and in searches made before that existed, COMPLETE with its
+value at the stop). Optuna assesses only parameters present in every completed trial, so
+conditional parameters drop out of its ranking.
 
 Without a study (grid search), with too few completed trials, or for a metric other than the
 search's objective, :func:`analysis.summaries.simple_importance` is used instead, and the result
 says so.
 
-The study's values mix budgets: under ASHA most trials stop at the first rung, so a model fitted on
-them mostly learns which settings *start* fast. :func:`importance_on_values` fits the same
+Where stopped trials are COMPLETE, the study's values mix budgets: under ASHA most trials stop at
+the first rung, so a model fitted on them mostly learns which settings *start* fast; where they are
+PRUNED, the study holds only the finished trials, which may be few. :func:`importance_on_values` fits the same
 evaluator on like-for-like values instead (an in-memory study built from the trials table): every
 trial's objective at the first ASHA rung, and, separately, finished trials at the full budget.
 """
@@ -23,7 +26,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -112,7 +114,7 @@ def optuna_importance(db: Path, study_name: str, evaluator: str = "fanova", min_
     if skipped:
         notes.append(f"Not assessed by Optuna (not sampled in every trial: conditional): {', '.join(skipped)}.")
     notes.append(f"Based on {len(done)} completed Optuna trials of study {study_name!r}; a trial's value is its "
-                 "objective at its last epoch.")
+                 "score as the search told Optuna (objective.score: its last or its best epoch).")
     table = pd.DataFrame({"param": list(scores), "importance": [float(v) for v in scores.values()]})
     total = table["importance"].sum()
     table["share"] = table["importance"] / total if total > 0 else math.nan
@@ -134,19 +136,9 @@ def compute_importance(trials: pd.DataFrame, params: dict[str, bool], objective_
         notes = ["The Optuna study optimised the search's own objective, not this metric."]
     table = simple_importance(trials, params, objective_col)
     n = int(trials[objective_col].notna().sum()) if objective_col in trials.columns else 0
-    notes = notes + [f"Fallback over {n} trial(s) using each trial's best objective; scores of the two kinds "
+    notes = notes + [f"Fallback over {n} trial(s) using each trial's score; scores of the two kinds "
                      "are not comparable with each other, and few trials make them noisy."]
     return Importance(table, SIMPLE_METHOD, None, notes, seed)
-
-
-def _distribution(p: Param) -> Any:
-    import optuna.distributions as od
-
-    if p.kind == "choice":
-        return od.CategoricalDistribution(list(p.choices))
-    if p.kind == "int":
-        return od.IntDistribution(int(p.low), int(p.high), log=p.log, step=p.step or 1)  # type: ignore[arg-type]
-    return od.FloatDistribution(float(p.low), float(p.high), log=p.log)  # type: ignore[arg-type]
 
 
 def importance_on_values(trials: pd.DataFrame, values: pd.Series, params: Sequence[Param], label: str, *,
@@ -165,7 +157,7 @@ def importance_on_values(trials: pd.DataFrame, values: pd.Series, params: Sequen
         for t in ids:
             chosen = {p.name: rows.at[t, p.name] for p in params if p.name in rows.columns and pd.notna(rows.at[t, p.name])}
             chosen = {k: (v.item() if hasattr(v, "item") else v) for k, v in chosen.items()}
-            dists = {p.name: _distribution(p) for p in params if p.name in chosen}
+            dists = {p.name: p.distribution() for p in params if p.name in chosen}
             try:
                 study.add_trial(optuna.trial.create_trial(params=chosen, distributions=dists, value=float(values[t])))
             except ValueError:  # a value outside the space (edited space.json): leave the trial out

@@ -128,7 +128,7 @@ def best_so_far(exp: Experiment, path: Path) -> Path | None:
                     color=STATUS_COLOR[status])
     ax.step(h["order"], h["best_so_far"], where="post", color="tab:green", lw=2, label="best so far")
     ax.set_xlabel("trial (in start order)")
-    ax.set_ylabel(f"trial's best {metric_label(exp.metric)}")
+    ax.set_ylabel(f"trial's score: {exp.score} {metric_label(exp.metric)}")
     ax.set_title("search progress")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -165,7 +165,7 @@ def param_effects(exp: Experiment, params: Sequence[str], path: Path) -> Path | 
     ncols = min(3, len(params))
     nrows = math.ceil(len(params) / ncols)
     fig, axes = _subplots(nrows, ncols, figsize=(4.6 * ncols, 3.7 * nrows), squeeze=False)
-    y_label = f"trial's best {metric_label(exp.metric)}"
+    y_label = f"trial's score: {exp.score} {metric_label(exp.metric)}"
     for ax, p in zip(axes.flat, params):
         spec = exp.space.param(p)
         if exp.is_numeric(p):

@@ -174,28 +174,38 @@ def _searched_section(exp: Experiment) -> list[Block]:
             Block("table", table=fixed, text=caption)]
 
 
+def _asha_note(exp: Experiment) -> str:
+    """What ASHA's stops mean for the importance computed on Optuna's study."""
+    if not exp.space.asha:
+        return ""
+    if exp.space.stopped_trials == "pruned":
+        return (" ASHA-stopped trials are pruned in Optuna's study, so Optuna's ranking rests on the trials that "
+                "finished; the like-for-like rankings below also use the stopped ones, at the first rung.")
+    return (" Under ASHA a stopped trial counts with its value at the stop (told to Optuna as complete), so this "
+            "ranking mostly says which settings start fast; the like-for-like rankings below do not mix budgets.")
+
+
 def _search_section(exp: Experiment, figs: Figures, imp: Importance, top: int) -> list[Block]:
     """Leaderboard, progress, importance and per-parameter effects."""
     t = exp.trials
     blocks = [Block("h2", f"Leaderboard (top {min(top, len(t))} of {len(t)})"),
               Block("p", exp.noise().describe()),
               Block("table", table=exp.leaderboard(top),
-                    text=f"`{exp.objective_col}`: the trial's best {metrics.label(exp.metric)} over its epochs; "
+                    text=f"`{exp.objective_col}`: the trial's score, its "
+                         f"{'last epoch' if exp.score == 'last' else 'best epoch'}'s {metrics.label(exp.metric)} "
+                         "(the space's `objective.score`, as Optuna scored it); "
                          "`gap`: behind the best; `vs_best`: within noise when the gap is below the resolution "
                          "above; `best_so_far`: best objective among the trials started up to that one")]
     blocks += [b for b in (figs.get("objective_vs_epoch"), figs.get("history")) if b is not None]
     blocks += [Block("h2", "Parameter importance"),
-               Block("p", "As the searcher saw the trials: " + imp.describe()
-                     + (" Under ASHA a stopped trial counts with its value at the stop, so this ranking mostly "
-                        "says which settings start fast; the like-for-like rankings below do not mix budgets."
-                        if exp.space.asha else "")),
+               Block("p", "As the searcher saw the trials: " + imp.describe() + _asha_note(exp)),
                Block("table", table=imp.table)]
     blocks += [b for b in (figs.get("importance"),) if b is not None]
     for like in exp.like_for_like_importance(evaluator=imp.evaluator or "fanova"):
         blocks += [Block("h3", f"Like for like: {like.notes[0].removeprefix('Values: ').split(';')[0]}"),
                    Block("p", like.describe()), Block("table", table=like.table)]
     blocks += [Block("h2", "Effect of each parameter"),
-               Block("p", f"Statistics of the trials' best `{exp.metric}` per value; numeric parameters in quantile "
+               Block("p", f"Statistics of the trials' scores (`{exp.objective_col}`) per value; numeric parameters in quantile "
                           "bins (`[lo, hi]`); `(not set)`: a conditional parameter that was not sampled."),
                Block("table", table=exp.effects())]
     return blocks + [b for b in (figs.get("effects"),) if b is not None]
@@ -330,7 +340,7 @@ def _downstream_section(exp: Experiment) -> list[Block]:
     split = ", ".join(sorted(set(table["split"].astype(str)))) if "split" in table.columns else "held-out"
     return [Block("h2", "Downstream evaluation of the best trials"),
             Block("p", f"From `{DOWNSTREAM_CSV}` (`python -m pcl_tune.evaluate --best {exp.path}`): each trial's "
-                       f"best-epoch weights judged on the {split} split (accuracy or mAP in %, ± the 95 % interval "
+                       f"weights at its scored ({exp.score}) epoch judged on the {split} split (accuracy or mAP in %, ± the 95 % interval "
                        "over episodes where there is one), beside a random-initialised encoder of the same "
                        "architecture."),
             Block("table", table=wide)]
@@ -382,7 +392,7 @@ def write_comparison(experiments: list[Experiment], out_dir: Path) -> list[Path]
     table.to_csv(csv, index=False)
     shown = table.drop(columns=["path"])
     blocks = [Block("h1", "pcl_tune experiments side by side"),
-              Block("p", "`best`: best objective over all epochs of all trials; `epochs_spent`: sum of the epochs "
+              Block("p", "`best`: the best trial's score (its last or best epoch, as each space says); `epochs_spent`: sum of the epochs "
                          "the trials ran; `saved_fraction`: 1 - spent / (trials x max_t)."),
               Block("table", table=shown),
               Block("list", items=[f"`{e.path.name}`: `{e.path}`" for e in experiments])]

@@ -85,18 +85,28 @@ class Best:
     mode: str
 
 
-def best_epoch(epochs: pd.DataFrame, metric: str, mode: str) -> Best | None:
-    """The best value of ``metric`` over every epoch of every trial; ties go to the earliest row.
+def best_epoch(epochs: pd.DataFrame, metric: str, mode: str, score: str = "best") -> Best | None:
+    """The best trial by its score (``objective.score``) and the epoch that score comes from.
+
+    ``score="best"``: the best value of ``metric`` over every epoch of every trial. ``score="last"``:
+    each trial is scored by its last epoch with a finite value (what Optuna is told and Tune's
+    ``scope="last"`` compares), and the best of those wins. Ties go to the earliest row, so to the
+    trial that started first.
 
     ``epochs`` has one row per (trial, epoch) with columns ``trial_id``, ``epoch`` and ``metric``,
     in trial start order. Returns None when no row has a finite value.
     """
+    if score not in ("best", "last"):
+        raise ValueError(f"score must be 'best' or 'last', got {score!r}")
     if metric not in epochs.columns or epochs.empty:
         return None
     values = pd.to_numeric(epochs[metric], errors="coerce")
     values = values[np.isfinite(values)]
     if values.empty:
         return None
+    if score == "last":  # each trial's last finite row (a replayed epoch's row is its last copy)
+        last = epochs.loc[values.index].groupby("trial_id", sort=False).tail(1).index
+        values = values.loc[last]
     idx = values.idxmax() if mode == "max" else values.idxmin()
     row = epochs.loc[idx]
     return Best(str(row["trial_id"]), int(row["epoch"]), float(values.loc[idx]), metric, mode)

@@ -124,7 +124,7 @@ def describe_space(space: SearchSpace) -> str:
     for k, v in space.base_config().flat().items():
         if defaults.get(k) != v:
             lines.append(f"    {k:28s} {v!r}")
-    lines.append(f"  objective: {space.mode} {space.metric} (val split)")
+    lines.append(f"  objective: {space.mode} {space.metric} (val split), a trial scored by its {space.score} epoch")
     if space.is_ablation:
         n = math.prod(len(p.choices) for p in space.params)
         arms = f" x {len(space.arms)} arm(s) ({', '.join(space.arms)})" if space.arms else ""
@@ -134,8 +134,10 @@ def describe_space(space: SearchSpace) -> str:
         n = math.prod(len(p.choices) for p in space.params)
         lines.append(f"  searcher: grid of {n} combinations x {space.num_samples} sample(s)")
     else:
+        told = ("as pruned (ranked by how far they got)" if space.stopped_trials == "pruned"
+                else "as complete with their last value (stock Ray Tune)")
         lines.append(f"  searcher: Optuna TPE seed {space.seed}, {space.startup_trials} random start-up trials, "
-                     f"{space.num_samples} trials")
+                     f"{space.num_samples} trials; trials ASHA stops are told to TPE {told}")
         for point in space.points_to_evaluate:
             lines.append("    evaluated first: " + ", ".join(f"{k}={v}" for k, v in point.items()))
     if space.has_baseline:
@@ -248,7 +250,8 @@ def _port_free(port: int, *, pick: bool = False) -> Any:
         return int(sock.getsockname()[1]) if pick else True
 
 
-def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: int, restore: bool) -> Any:
+def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: int, restore: bool,
+                warm: Any = None) -> Any:
     import optuna
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -280,11 +283,17 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
         num_samples = len(cells)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / F.OPTUNA_DB}")
+        if warm is not None and warm.trials:
+            from .warm_start import seed_study
+
+            seed_study(storage, space.name, space, warm.trials)
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
         searcher = ResumableOptunaSearch(space.define_by_run(), metric=space.metric, mode=space.mode,
                                          sampler=sampler, storage=storage, study_name=space.name,
                                          points_to_evaluate=space.points_to_evaluate or None,
-                                         baseline=space.baseline_point() if space.has_baseline else None)
+                                         baseline=space.baseline_point() if space.has_baseline else None,
+                                         max_t=space.resolved_max_t(), score=space.score,
+                                         stopped_trials=space.stopped_trials)
         num_samples = space.total_trials()
     max_t = space.resolved_max_t()
     scheduler = None
@@ -310,8 +319,9 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
 
 
 def summarize(results: Any, space: SearchSpace, exp_dir: Path) -> dict[str, Any] | None:
-    """Write trials.csv and best.yaml; print the best trial (the best epoch of any trial,
-    :func:`pcl_tune.experiment_folder.best_epoch`, as the analysis finds it)."""
+    """Write trials.csv and best.yaml; print the best trial by the space's ``objective.score`` (its
+    last or its best epoch: :func:`pcl_tune.experiment_folder.best_epoch`, as Optuna and the
+    analysis score it)."""
     import pandas as pd
 
     results.get_dataframe().to_csv(exp_dir / F.TRIALS_CSV, index=False)
@@ -319,7 +329,8 @@ def summarize(results: Any, space: SearchSpace, exp_dir: Path) -> dict[str, Any]
     by_id = {Path(r.path).name.removeprefix(F.TRIAL_PREFIX): r for r in results if r.path}
     frames = [r.metrics_dataframe.assign(trial_id=tid) for tid, r in by_id.items()
               if r.metrics_dataframe is not None and "epoch" in r.metrics_dataframe]
-    best = F.best_epoch(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), space.metric, space.mode)
+    best = F.best_epoch(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), space.metric, space.mode,
+                        space.score)
     if best is None:
         print(f"[pcl_tune] no trial reported {space.metric}; see {exp_dir}", flush=True)
         return None
@@ -364,10 +375,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dashboard", dest="dashboard", action="store_false")
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--max-failures", type=int, default=1, help="restarts of a failed trial / worker group")
+    p.add_argument("--warm-start", nargs="+", default=[], metavar="RUN_DIR",
+                   help="earlier experiment folders: their best configurations are evaluated first and, where "
+                        "the spaces match, their trials are told to TPE (pcl_tune/warm_start.py)")
+    p.add_argument("--warm-start-top", type=int, default=3, metavar="N",
+                   help="configurations taken from each --warm-start folder (default 3)")
     p.add_argument("--smoke", action="store_true", help="shrink everything (CI, quick checks)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved space and resource plan, then exit")
     p.add_argument("--no-report", action="store_true", help="do not write the analysis report at the end")
     return p
+
+
+def _warm_start(space: SearchSpace, args: argparse.Namespace) -> Any:
+    """Load ``--warm-start`` folders and put their best configurations first (None without any)."""
+    if not args.warm_start:
+        return None
+    if space.algorithm == "grid" or space.is_ablation:
+        raise SpaceError(f"--warm-start: {space.path} is a grid or an ablation; only a TPE search is warm-started")
+    from .warm_start import load_warm_start
+
+    warm = load_warm_start(args.warm_start, space, top=args.warm_start_top)
+    space.points_to_evaluate = list(space.points_to_evaluate) + warm.points
+    return warm
 
 
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -387,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     storage_root = Path(args.storage_path).expanduser().resolve()
     try:
         _check_cli_numbers(args)
+        if args.warm_start and args.resume:
+            raise SpaceError("--warm-start goes with a new search, not --resume (the study already has its trials)")
         if args.resume and not args.space and not args.name:
             raise SpaceError("--resume needs --name (or --space) to find the experiment folder")
         if args.resume and not args.space:
@@ -402,12 +433,15 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or space.name
         check_experiment_name(name, "--name" if args.name else f"{space.path}: key 'name'")
         exp_dir = storage_root / name
+        warm = _warm_start(space, args)
         if args.dry_run:
             import multiprocessing
 
             cpus = float(args.num_cpus or multiprocessing.cpu_count())
             gpus = float(args.num_gpus or 0)
             print(describe_space(space))
+            if warm is not None:
+                print("  " + "\n  ".join([warm.describe(), *warm.notes]))
             where = f"cluster at {args.address or os.environ.get('RAY_ADDRESS')}" if (
                 args.address or os.environ.get("RAY_ADDRESS")) else "this machine"
             try:
@@ -460,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe_space(space), flush=True)
+    if warm is not None:
+        print("  " + "\n  ".join([warm.describe(), *warm.notes]), flush=True)
     print(f"  resources: {plan.describe()}\n  experiment folder: {exp_dir}", flush=True)
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
@@ -468,8 +504,9 @@ def main(argv: list[str] | None = None) -> int:
             "executor": plan.executor, "workers_per_trial": plan.workers_per_trial, "smoke": bool(args.smoke),
             "command": shlex.join([sys.executable, "-m", "pcl_tune.search"] + (argv if argv is not None else sys.argv[1:])),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **({"warm_start": warm.sources} if warm is not None else {}),
         })
-    tuner = build_tuner(space, plan, exp_dir, max_failures=args.max_failures, restore=args.resume)
+    tuner = build_tuner(space, plan, exp_dir, max_failures=args.max_failures, restore=args.resume, warm=warm)
     t0 = time.time()
     results = tuner.fit()
     unfinished = [r for r in results if r.metrics is None or not r.metrics.get("done", True)]

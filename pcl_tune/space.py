@@ -13,8 +13,9 @@ A file has these top-level keys (only ``search`` is required)::
       pcl.cluster_schedule: {choice: ["5,10", "linear:5,10->20,40"]}
       pcl.proto_loss: {choice: [proto_nce, topk]}
       pcl.k: {int: [1, 4], when: {pcl.proto_loss: topk}}     # conditional parameter
-    objective: {metric: knn_top1, mode: max}
-    searcher: {algorithm: tpe, seed: 0, startup_trials: 4, num_samples: 8, points_to_evaluate: [{...}]}
+    objective: {metric: knn_top1, mode: max, score: last}   # a trial's score: its last epoch or its best
+    searcher: {algorithm: tpe, seed: 0, startup_trials: 4, num_samples: 8, points_to_evaluate: [{...}],
+               stopped_trials: pruned}   # ASHA-stopped trials told to Optuna as pruned (or: complete)
     asha: {grace_period: 3, reduction_factor: 2, max_t: 10}  # on the epoch; max_t defaults to epochs
 
 ``searcher.algorithm: grid`` runs every combination of the ``choice`` parameters once per
@@ -69,7 +70,12 @@ from .metrics import lookup, reported_metrics
 
 TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "asha", "resources", "ablation")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-SEARCHER_KEYS = ("algorithm", "seed", "startup_trials", "num_samples", "points_to_evaluate", "baseline")
+SEARCHER_KEYS = ("algorithm", "seed", "startup_trials", "num_samples", "points_to_evaluate", "baseline",
+                 "stopped_trials")
+SCORES: tuple[str, ...] = ("last", "best")
+"""``objective.score``: a trial is scored by its last epoch's value (Tune's default) or its best epoch's."""
+STOPPED_TRIALS: tuple[str, ...] = ("pruned", "complete")
+"""``searcher.stopped_trials``: how a trial ASHA stopped is told to Optuna (see :mod:`pcl_tune.searcher`)."""
 ABLATION_KEYS = ("seeds", "arms", "reference", "metrics")
 ARM_KEY = "arm"
 """Trial-config key naming a trial's arm (an ablation arm or the baseline); not a config setting:
@@ -112,6 +118,26 @@ class Param:
     def numeric(self) -> bool:
         """Ranges (uniform, loguniform, int) are numeric; choices are categorical."""
         return self.kind != "choice"
+
+    def distribution(self) -> Any:
+        """The Optuna distribution this parameter is suggested from (:class:`DefineByRun`)."""
+        import optuna.distributions as od
+
+        if self.kind == "choice":
+            return od.CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return od.IntDistribution(int(self.low), int(self.high), log=self.log, step=self.step or 1)  # type: ignore[arg-type]
+        return od.FloatDistribution(float(self.low), float(self.high), log=self.log)  # type: ignore[arg-type]
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take."""
+        if self.kind == "choice":
+            return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not float(self.low) <= float(value) <= float(self.high):  # type: ignore[arg-type]
+            return False
+        return self.kind != "int" or (float(value).is_integer() and (int(value) - int(self.low)) % (self.step or 1) == 0)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         """``"loguniform [0.01, 0.3]"``, ``"choice [a, b]"``, ``"int [1, 4] log"``, with the condition if any."""
@@ -162,6 +188,9 @@ class SearchSpace:
     params: list[Param]
     metric: str = "knn_top1"
     mode: str = "max"
+    score: str = "last"
+    """A trial's score: the objective at its ``last`` epoch, or at its ``best``; used alike by Optuna,
+    the search's summary and the analysis."""
     algorithm: str = "tpe"
     asha: bool = True
     seed: int = 0
@@ -183,6 +212,9 @@ class SearchSpace:
     """Ablation: the arm differences are taken against (None: the first arm)."""
     ablation_metrics: list[str] = field(default_factory=list)
     """Ablation: metrics with verdicts (empty: the objective)."""
+    stopped_trials: str = "pruned"
+    """How a trial ASHA stopped before its budget is told to Optuna: ``pruned`` (TPE ranks it by
+    how far it got) or ``complete`` (stock Ray Tune: as a finished trial with its last value)."""
 
     @property
     def is_ablation(self) -> bool:
@@ -274,6 +306,7 @@ class SearchSpace:
         return {
             "path": str(self.path), "name": self.name, "description": self.description, "fixed": self.fixed,
             "params": [p.to_json() for p in self.params], "metric": self.metric, "mode": self.mode,
+            "score": self.score, "stopped_trials": self.stopped_trials,
             "algorithm": self.algorithm, "asha": self.asha, "seed": self.seed, "startup_trials": self.startup_trials,
             "num_samples": self.num_samples, "points_to_evaluate": self.points_to_evaluate,
             "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
@@ -512,17 +545,23 @@ def load_space(path: str | Path) -> SearchSpace:
             if cond_key not in names and cond_key not in known:
                 raise ld.fail(f"search.{q.name}.when", cond_key, "a config key")
 
-    obj = ld.section(data, "objective", ("metric", "mode"))
+    obj = ld.section(data, "objective", ("metric", "mode", "score"))
     metric = obj.get("metric", "knn_top1")
     mode = obj.get("mode", "max")
     if mode not in ("min", "max"):
         raise ld.fail("objective.mode", mode, "min or max")
+    score = obj.get("score", "last")
+    if score not in SCORES:
+        raise ld.fail("objective.score", score, f"one of {', '.join(SCORES)}")
     srch = ld.section(data, "searcher", SEARCHER_KEYS)
+    stopped = srch.get("stopped_trials", "pruned")
+    if stopped not in STOPPED_TRIALS:
+        raise ld.fail("searcher.stopped_trials", stopped, f"one of {', '.join(STOPPED_TRIALS)}")
     asha = ld.section(data, "asha", ASHA_KEYS)
     res = ld.section(data, "resources", RESOURCE_KEYS)
     space = SearchSpace(
         path=p, name=str(data.get("name") or p.stem), description=str(data.get("description") or ""),
-        fixed=fixed, params=params, metric=metric, mode=mode,
+        fixed=fixed, params=params, metric=metric, mode=mode, score=score, stopped_trials=stopped,
         algorithm=srch.get("algorithm", "tpe"), asha=asha.get("enabled", True),
         seed=ld.number("searcher.seed", srch.get("seed", 0), integer=True, minimum=0),
         startup_trials=ld.number("searcher.startup_trials", srch.get("startup_trials", 10), integer=True, minimum=0),

@@ -127,12 +127,18 @@ def test_tables_of_a_real_search(search_exp: Path, tmp_path: Path) -> None:
         assert r["epochs"] == e["epoch"].max()
         assert Path(r["checkpoint"]).is_dir() and r["error"] is None
         assert r["wall_time_s"] > 0
-    # best() is the max of the objective over every epoch of every trial, as the search defines it.
+    # best() is the best trial by its score: the space's objective.score, "last" by default (as
+    # Optuna was told), so the best of the trials' last values, and the search agrees.
+    assert exp.score == "last" and exp.objective_col == "last_knn_top1"
     best = exp.best()
-    assert best.value == pytest.approx(ep["knn_top1"].max())
+    lasts = ep.dropna(subset=["knn_top1"]).groupby("trial_id")["knn_top1"].last()
+    assert best.value == pytest.approx(lasts.max()) and best.epoch == int(t.set_index("trial_id").loc[best.trial_id,
+                                                                                                       "epochs"])
     assert ep.loc[(ep["trial_id"] == best.trial_id) & (ep["epoch"] == best.epoch), "knn_top1"].iloc[0] == best.value
-    ref = experiment_folder.best_epoch(ep, "knn_top1", "max")
+    ref = experiment_folder.best_epoch(ep, "knn_top1", "max", "last")
     assert ref is not None and (ref.trial_id, ref.epoch, ref.value) == (best.trial_id, best.epoch, best.value)
+    by_best = experiment_folder.best_epoch(ep, "knn_top1", "max", "best")
+    assert by_best is not None and by_best.value == pytest.approx(ep["knn_top1"].max())
     # One schema: the space is the search's SearchSpace, read back from space.json.
     searched, run = experiment_folder.read_space_json(search_exp)
     assert isinstance(exp.space, SearchSpace) and exp.space == searched and not exp.space_inferred
@@ -156,8 +162,8 @@ def test_summaries_of_a_real_search(search_exp: Path) -> None:
     t = exp.trials
     lb = exp.leaderboard(top=3)
     assert len(lb) == 3 and list(lb["rank"]) == [1, 2, 3]
-    assert lb["best_knn_top1"].is_monotonic_decreasing
-    assert lb["best_knn_top1"].iloc[0] == pytest.approx(exp.best().value)
+    assert lb[exp.objective_col].is_monotonic_decreasing
+    assert lb[exp.objective_col].iloc[0] == pytest.approx(exp.best().value)
     hist = exp.best_so_far()
     assert hist["best_so_far"].iloc[-1] == pytest.approx(exp.best().value)
     assert hist["best_so_far"].is_monotonic_increasing
@@ -586,15 +592,15 @@ def test_best_ties_go_to_the_trial_started_first(tmp_path: Path) -> None:
     assert exp.epochs["trial_id"].iloc[0] == exp.trials["trial_id"].iloc[0]
     # Three top-K trials (one per duplicate setting, which top-K ignores) share the best value.
     best = exp.best()
-    tied = exp.trials[exp.trials["best_knn_top1"] == best.value]
+    tied = exp.trials[exp.trials[exp.objective_col] == best.value]
     assert len(tied) == 3 and best.trial_id == tied.sort_values("order")["trial_id"].iloc[0]
     assert best.trial_id != sorted(tied["trial_id"])[0]
 
 
 def test_other_metric_and_mode(tmp_path: Path) -> None:
     exp = analysis.load(make_grid_experiment(tmp_path), metric="loss")
-    assert exp.mode == "min" and exp.objective_col == "best_loss"
-    assert exp.best().value == pytest.approx(exp.epochs["loss"].min())
+    assert exp.mode == "min" and exp.objective_col == "last_loss"  # scored by the last epoch, as the space says
+    assert exp.best().value == pytest.approx(exp.epochs["loss"].min())  # the loss falls every epoch here
     assert exp.best_yaml_path().name == "best_loss_min.yaml"
     with pytest.raises(analysis.AnalysisError, match="never reported"):
         analysis.load(exp.path, metric="no_such_metric")
@@ -766,9 +772,9 @@ def test_downstream_of_the_best_trials_in_the_report(exp_copy: Path) -> None:
     # The same ranking as the leaderboard's (ties, e.g. the baseline and the default during warm-up,
     # may be broken differently): compare the values, and the trials where values differ.
     board = exp.leaderboard(2)
-    assert table["search_knn_top1"].tolist()[:2] == pytest.approx(board["best_knn_top1"].tolist())
-    assert table["trial"].iloc[0] == f"trial_{board['trial_id'].iloc[0]}" or \
-        board["best_knn_top1"].iloc[0] == board["best_knn_top1"].iloc[1]
+    col = exp.objective_col
+    assert table["search_knn_top1"].tolist()[:2] == pytest.approx(board[col].tolist())
+    assert table["trial"].iloc[0] == f"trial_{board['trial_id'].iloc[0]}" or board[col].iloc[0] == board[col].iloc[1]
     assert table["trial"].iloc[-1] == "random init"
     assert (table["task"] == "knn").all() and table["value"].between(0, 100).all()
     md = (write_report(exp_copy).parent / "report.md").read_text()

@@ -108,22 +108,28 @@ def test_missing_and_foreign_checkpoints(tmp_path: Path, capsys: pytest.CaptureF
     assert "no checkpoint at" in err and "not a pcl_tune pretraining checkpoint" in err and "Traceback" not in err
 
 
-def test_best_over_an_experiment_folder(run_dir: Path, tmp_path: Path) -> None:
-    """A hand-made experiment folder: two trials with per-epoch results and a best.pt each."""
+@pytest.mark.parametrize("score", ["last", "best"])
+def test_best_over_an_experiment_folder(run_dir: Path, tmp_path: Path, score: str) -> None:
+    """A hand-made experiment folder: two trials with per-epoch results, a checkpoint.pt and a best.pt
+    each. Trials are ranked, and judged at, the epoch the space's objective.score names."""
+    import dataclasses
+
     exp = tmp_path / "exp"
     exp.mkdir()
     space_file = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
-    F.write_space_json(exp, load_space(space_file), {"executor": "direct"})
+    F.write_space_json(exp, dataclasses.replace(load_space(space_file), score=score), {"executor": "direct"})
     for trial, best in (("trial_a", 40.0), ("trial_b", 55.0)):
         d = exp / trial / "checkpoint_000002"
         d.mkdir(parents=True)
         shutil.copyfile(run_dir / CHECKPOINT_DIR / BEST_FILE, d / BEST_FILE)
+        shutil.copyfile(run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE, d / CHECKPOINT_FILE)
         pd.DataFrame({"epoch": [1, 2, 3], "knn_top1": [10.0, best, best - 1]}).to_csv(exp / trial / "progress.csv")
     rc = main(["--best", str(exp), "--top", "1", "--task", "knn", "--split", "val"])
     assert rc == 0
     table = pd.read_csv(exp / "downstream.csv")
     assert table["trial"].tolist() == ["trial_b", "random init"]
-    assert table.loc[0, "search_knn_top1"] == 55.0 and table.loc[0, "best_epoch"] == 2
+    expected = (55.0, 2) if score == "best" else (54.0, 3)
+    assert (table.loc[0, "search_knn_top1"], table.loc[0, "best_epoch"]) == expected
     assert table.loc[1, "encoder"] == "random init"
     assert main(["--best", str(tmp_path)]) == 2
 

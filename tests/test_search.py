@@ -264,18 +264,98 @@ def test_searcher_skips_results_of_trials_optuna_already_finished(tmp_path: Path
         s = cls(space, metric="knn_top1", mode="max", storage=storage, study_name="s",
                 sampler=optuna.samplers.RandomSampler(seed=0))
         assert s.suggest("t1") is not None
-        s.on_trial_result("t1", {"knn_top1": 10.0, "training_iteration": 1})
-        s.on_trial_complete("t1", {"knn_top1": 12.0, "training_iteration": 2})
+        s.on_trial_result("t1", {"knn_top1": 10.0, "training_iteration": 1, "epoch": 1})
+        s.on_trial_complete("t1", {"knn_top1": 12.0, "training_iteration": 2, "epoch": 2})
         s._completed_trials.discard("t1")  # the older snapshot Tune restores
         return s
 
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-        finished_but_running(OptunaSearch).on_trial_result("t1", {"knn_top1": 13.0, "training_iteration": 3})
+        finished_but_running(OptunaSearch).on_trial_result("t1", {"knn_top1": 13.0, "training_iteration": 3,
+                                                                   "epoch": 3})
     searcher = finished_but_running(ResumableOptunaSearch)
-    searcher.on_trial_result("t1", {"knn_top1": 13.0, "training_iteration": 3})  # logged, not raised
+    searcher.on_trial_result("t1", {"knn_top1": 13.0, "training_iteration": 3, "epoch": 3})  # logged, not raised
+    searcher.on_trial_complete("t1", {"knn_top1": 13.0, "training_iteration": 3, "epoch": 3})  # nor this
     trial = searcher._ot_study.trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 12.0
     assert trial.intermediate_values == {1: 10.0}
+
+
+def _searcher(tmp_path: Path, name: str, **kwargs: Any) -> Any:
+    import optuna
+
+    from pcl_tune.searcher import ResumableOptunaSearch
+    from pcl_tune.space import DefineByRun, Param
+
+    space = DefineByRun([Param("optim.lr", "loguniform", low=0.01, high=0.1, log=True)], {})
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / name}.db")
+    return ResumableOptunaSearch(space, metric="knn_top1", mode="max", storage=storage, study_name="s",
+                                 sampler=optuna.samplers.RandomSampler(seed=0), **kwargs)
+
+
+def _run(s: Any, trial_id: str, values: list[float], *, error: bool = False) -> None:
+    """Suggest ``trial_id``, report ``values`` at epochs 1, 2, ...; end it (stopped, finished or errored)."""
+    assert s.suggest(trial_id) is not None
+    for epoch, v in enumerate(values, 1):
+        s.on_trial_result(trial_id, {"knn_top1": v, "epoch": epoch, "training_iteration": epoch})
+    last = {"knn_top1": values[-1], "epoch": len(values)} if values else None
+    s.on_trial_complete(trial_id, None if error else last, error=error)
+
+
+@pytest.mark.parametrize("score", ["last", "best"])
+def test_stopped_trials_are_told_to_optuna_as_pruned(tmp_path: Path, score: str) -> None:
+    """Stock OptunaSearch tells a trial ASHA stopped at epoch 2 as COMPLETE with its epoch-2 value:
+    TPE then ranks it beside finished trials. Ours tells it PRUNED with its per-epoch values, a
+    finished trial COMPLETE with its score (last or best epoch), an errored one FAIL."""
+    import optuna
+
+    TS = optuna.trial.TrialState
+    s = _searcher(tmp_path, f"pruned_{score}", max_t=4, score=score)
+    _run(s, "finished", [20.0, 40.0, 55.0, 50.0])
+    _run(s, "stopped", [30.0, 45.0])
+    _run(s, "errored", [10.0], error=True)
+    trials = {t.number: t for t in s._ot_study.trials}
+    finished, stopped, errored = trials[0], trials[1], trials[2]
+    assert finished.state == TS.COMPLETE and finished.value == (50.0 if score == "last" else 55.0)
+    assert stopped.state == TS.PRUNED and stopped.value == 45.0  # Optuna keeps its last intermediate value
+    assert stopped.intermediate_values == {1: 30.0, 2: 45.0}  # what TPE ranks pruned trials by
+    assert errored.state == TS.FAIL
+    assert s._ot_study.best_trial.number == 0  # a stopped trial never counts as the best
+    # The stock rule, kept for comparisons: the stopped trial is a finished one with its last value.
+    stock = _searcher(tmp_path, f"stock_{score}", max_t=4, score=score, stopped_trials="complete")
+    _run(stock, "finished", [20.0, 40.0, 55.0, 50.0])
+    _run(stock, "stopped", [30.0, 45.0])
+    told = [(t.state, t.value) for t in stock._ot_study.trials]
+    assert told == [(TS.COMPLETE, 50.0), (TS.COMPLETE, 45.0)]
+
+
+def test_pruned_searcher_survives_pickling_and_a_searched_epoch_budget(tmp_path: Path) -> None:
+    """Tune pickles the searcher into its snapshot and restores it on --resume: the per-epoch values
+    travel with it. A trial whose own ``epochs`` (searched) is below max_t finishes, not stopped."""
+    import pickle
+
+    import optuna
+
+    from pcl_tune.searcher import ResumableOptunaSearch
+    from pcl_tune.space import DefineByRun, Param
+
+    space = DefineByRun([Param("epochs", "choice", choices=(2, 4))], {})
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'e.db'}")
+    s = ResumableOptunaSearch(space, metric="knn_top1", mode="max", storage=storage, study_name="s",
+                              sampler=optuna.samplers.RandomSampler(seed=0), max_t=4,
+                              points_to_evaluate=[{"epochs": 2}, {"epochs": 4}])
+    assert s.suggest("short") == {"epochs": 2} and s.suggest("long") == {"epochs": 4}
+    for epoch, v in ((1, 10.0), (2, 20.0)):
+        s.on_trial_result("short", {"knn_top1": v, "epoch": epoch})
+        s.on_trial_result("long", {"knn_top1": v + 1, "epoch": epoch})
+    s.save(str(tmp_path / "searcher.pkl"))
+    restored = ResumableOptunaSearch(space, metric="knn_top1", mode="max", storage=storage, study_name="s",
+                                     sampler=optuna.samplers.RandomSampler(seed=0))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert pickle.loads(pickle.dumps(restored._values)) == {"short": {1: 10.0, 2: 20.0}, "long": {1: 11.0, 2: 21.0}}
+    restored.on_trial_complete("short", {"knn_top1": 20.0, "epoch": 2})  # its budget: 2 epochs
+    restored.on_trial_complete("long", {"knn_top1": 21.0, "epoch": 2})  # stopped at 2 of 4
+    states = [t.state for t in restored._ot_study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
 
 
 def test_searcher_runs_the_baseline_once_beside_the_study(tmp_path: Path) -> None:
