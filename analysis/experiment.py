@@ -179,7 +179,7 @@ class Experiment:
         """The best trial by its score (:attr:`score`: its last or its best epoch; ties: the trial
         that started first), as :func:`pcl_tune.experiment_folder.best_epoch` defines it."""
         self.require_results()
-        b = best_epoch(self.epochs, self.metric, self.mode, self.score)
+        b = best_epoch(self.epochs, self.metric, self.mode, self.score, self.max_t)
         if b is None:  # require_results saw a number; only infinities are left
             raise EmptyExperimentError(f"{self.path}: no finite value of {self.metric} reported yet")
         raw = self._raw[b.trial_id]
@@ -215,7 +215,8 @@ class Experiment:
         """Top trials by objective; columns in :func:`analysis.summaries.leaderboard`, plus ``arm``
         (``moco_v2`` marks the baseline), ``gap`` (behind the best, in the objective's unit) and
         ``vs_best`` (``"within noise"`` when the gap is below :meth:`noise`'s resolution)."""
-        board = summaries.leaderboard(self.trials, self.objective_col, self.mode, top, self.params)
+        board = summaries.leaderboard(self.trials, self.objective_col, self.mode, top, self.params,
+                                      finished_first=self.score == "last")
         if not len(board):
             return board
         best = board[self.objective_col].iloc[0]

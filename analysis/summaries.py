@@ -203,15 +203,20 @@ def effects(trials: pd.DataFrame, params: Sequence[str], objective: str, bins: i
 
 
 def leaderboard(trials: pd.DataFrame, objective: str, mode: str = "max", top: int = 10,
-                params: Sequence[str] = ()) -> pd.DataFrame:
-    """The ``top`` trials by objective (trials without a value last, then dropped if beyond ``top``).
+                params: Sequence[str] = (), *, finished_first: bool = False) -> pd.DataFrame:
+    """The ``top`` trials by objective (trials without a value last, then dropped if beyond ``top``);
+    with ``finished_first``, finished trials before the others (a trial's last value is then at
+    different budgets: a stopped trial's is not ranked among finished ones).
 
     Columns: ``rank``, ``trial_id``, ``status``, the objective column, ``best_epoch``, ``epochs``,
     ``best_so_far`` (best objective among the trials started up to and including this one: did the
     search still improve when it ran?), then the ``params``.
     """
     hist = best_so_far(trials, objective, mode).set_index("trial_id")["best_so_far"]
-    d = trials.sort_values(objective, ascending=(mode == "min"), na_position="last", kind="stable").head(top)
+    d = trials.sort_values(objective, ascending=(mode == "min"), na_position="last", kind="stable")
+    if finished_first and "status" in d.columns:
+        d = d.sort_values("status", key=lambda s: s != "finished", kind="stable")
+    d = d.head(top)
     out = pd.DataFrame({"rank": np.arange(1, len(d) + 1), "trial_id": d["trial_id"].to_numpy(),
                         "status": d["status"].to_numpy(), objective: d[objective].to_numpy(),
                         "best_epoch": d["best_epoch"].to_numpy() if "best_epoch" in d else np.nan,

@@ -85,13 +85,16 @@ class Best:
     mode: str
 
 
-def best_epoch(epochs: pd.DataFrame, metric: str, mode: str, score: str = "best") -> Best | None:
+def best_epoch(epochs: pd.DataFrame, metric: str, mode: str, score: str = "best",
+               max_t: int | None = None) -> Best | None:
     """The best trial by its score (``objective.score``) and the epoch that score comes from.
 
     ``score="best"``: the best value of ``metric`` over every epoch of every trial. ``score="last"``:
     each trial is scored by its last epoch with a finite value (what Optuna is told and Tune's
-    ``scope="last"`` compares), and the best of those wins. Ties go to the earliest row, so to the
-    trial that started first.
+    ``scope="last"`` compares), and the best of those wins; with ``max_t``, among the trials that
+    reached it when any did (a trial ASHA stopped at epoch 6 is not compared with finished ones by
+    its epoch-6 value: Optuna holds it as pruned). Ties go to the earliest row, so to the trial that
+    started first.
 
     ``epochs`` has one row per (trial, epoch) with columns ``trial_id``, ``epoch`` and ``metric``,
     in trial start order. Returns None when no row has a finite value.
@@ -107,6 +110,10 @@ def best_epoch(epochs: pd.DataFrame, metric: str, mode: str, score: str = "best"
     if score == "last":  # each trial's last finite row (a replayed epoch's row is its last copy)
         last = epochs.loc[values.index].groupby("trial_id", sort=False).tail(1).index
         values = values.loc[last]
+        if max_t is not None:
+            reached = pd.to_numeric(epochs.loc[values.index, "epoch"], errors="coerce") >= max_t
+            if reached.any():
+                values = values[reached.to_numpy()]
     idx = values.idxmax() if mode == "max" else values.idxmin()
     row = epochs.loc[idx]
     return Best(str(row["trial_id"]), int(row["epoch"]), float(values.loc[idx]), metric, mode)

@@ -330,7 +330,7 @@ def summarize(results: Any, space: SearchSpace, exp_dir: Path) -> dict[str, Any]
     frames = [r.metrics_dataframe.assign(trial_id=tid) for tid, r in by_id.items()
               if r.metrics_dataframe is not None and "epoch" in r.metrics_dataframe]
     best = F.best_epoch(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), space.metric, space.mode,
-                        space.score)
+                        space.score, space.resolved_max_t())
     if best is None:
         print(f"[pcl_tune] no trial reported {space.metric}; see {exp_dir}", flush=True)
         return None

@@ -128,14 +128,15 @@ def test_tables_of_a_real_search(search_exp: Path, tmp_path: Path) -> None:
         assert Path(r["checkpoint"]).is_dir() and r["error"] is None
         assert r["wall_time_s"] > 0
     # best() is the best trial by its score: the space's objective.score, "last" by default (as
-    # Optuna was told), so the best of the trials' last values, and the search agrees.
+    # Optuna was told), so the best of the finished trials' last values, and the search agrees.
     assert exp.score == "last" and exp.objective_col == "last_knn_top1"
     best = exp.best()
-    lasts = ep.dropna(subset=["knn_top1"]).groupby("trial_id")["knn_top1"].last()
-    assert best.value == pytest.approx(lasts.max()) and best.epoch == int(t.set_index("trial_id").loc[best.trial_id,
-                                                                                                       "epochs"])
+    finished = set(t.loc[t["epochs"] >= max_t, "trial_id"])
+    lasts = ep[ep["trial_id"].isin(finished)].dropna(subset=["knn_top1"]).groupby("trial_id")["knn_top1"].last()
+    assert finished and best.trial_id in finished and best.epoch == max_t
+    assert best.value == pytest.approx(lasts.max())
     assert ep.loc[(ep["trial_id"] == best.trial_id) & (ep["epoch"] == best.epoch), "knn_top1"].iloc[0] == best.value
-    ref = experiment_folder.best_epoch(ep, "knn_top1", "max", "last")
+    ref = experiment_folder.best_epoch(ep, "knn_top1", "max", "last", max_t)
     assert ref is not None and (ref.trial_id, ref.epoch, ref.value) == (best.trial_id, best.epoch, best.value)
     by_best = experiment_folder.best_epoch(ep, "knn_top1", "max", "best")
     assert by_best is not None and by_best.value == pytest.approx(ep["knn_top1"].max())
@@ -883,3 +884,18 @@ def test_comparisons_never_mix_budgets(tmp_path: Path) -> None:
     dup_final = next(c for c in comps if c.name == "duplicates" and c.budget.startswith("finished")).table
     few = dup_final[dup_final["n"] < 3]
     assert len(few) and few["ci_half"].isna().all() and (few["points"] != "").all()
+
+
+def test_last_score_ranks_finished_trials_before_stopped_ones() -> None:
+    """Under objective.score: last, a trial ASHA stopped at epoch 2 is not compared with finished
+    trials by its epoch-2 value (its value is at another budget; Optuna holds it as pruned)."""
+    ep = pd.DataFrame({"trial_id": ["a"] * 4 + ["b"] * 2, "epoch": [1, 2, 3, 4, 1, 2],
+                       "knn_top1": [10.0, 20.0, 30.0, 25.0, 15.0, 28.0]})
+    finished = experiment_folder.best_epoch(ep, "knn_top1", "max", "last", max_t=4)
+    assert finished is not None and (finished.trial_id, finished.epoch, finished.value) == ("a", 4, 25.0)
+    anyone = experiment_folder.best_epoch(ep, "knn_top1", "max", "last")
+    assert anyone is not None and (anyone.trial_id, anyone.value) == ("b", 28.0)
+    none_finished = experiment_folder.best_epoch(ep, "knn_top1", "max", "last", max_t=10)  # falls back to all
+    assert none_finished is not None and none_finished.trial_id == "b"
+    best = experiment_folder.best_epoch(ep, "knn_top1", "max", "best", max_t=4)
+    assert best is not None and (best.trial_id, best.epoch, best.value) == ("a", 3, 30.0)

@@ -35,7 +35,8 @@ def trial_best_values(exp_dir: Path, metric: str, mode: str, score: str = "best"
             continue
         best = F.best_epoch(df.assign(trial_id=d.name.removeprefix(F.TRIAL_PREFIX)), metric, mode, score)
         if best is not None:
-            rows.append({"trial_id": best.trial_id, "trial_dir": d, "best_value": best.value, "best_epoch": best.epoch})
+            rows.append({"trial_id": best.trial_id, "trial_dir": d, "best_value": best.value, "best_epoch": best.epoch,
+                         "last_epoch": int(pd.to_numeric(df["epoch"], errors="coerce").max())})
     return pd.DataFrame(rows)
 
 
@@ -62,7 +63,10 @@ def evaluate_best(exp_dir: Path, args: argparse.Namespace,
     weights = CHECKPOINT_FILE if space.score == "last" else BEST_FILE  # the scored epoch's weights
     if ranked.empty:
         raise EvaluationError(f"{exp_dir}: no trial reported {space.metric} yet")
-    ranked = ranked.sort_values("best_value", ascending=space.mode == "min", kind="stable").head(args.top)
+    ranked = ranked.sort_values("best_value", ascending=space.mode == "min", kind="stable")
+    if space.score == "last":  # finished trials first, as the search and the analysis rank them
+        ranked = ranked.sort_values("last_epoch", key=lambda e: e < space.resolved_max_t(), kind="stable")
+    ranked = ranked.head(args.top)
     rows: list[dict[str, Any]] = []
     first_ckpt: Path | None = None
     for rank, t in enumerate(ranked.itertuples(), 1):
