@@ -90,15 +90,16 @@ class ResumableOptunaSearch(OptunaSearch):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return  # NaN epochs (before the first evaluation) tell Optuna nothing
         self._values.setdefault(trial_id, {})[int(step)] = float(value)
-        try:
-            self._ot_trials[trial_id].report(float(value), int(step))
-        except optuna.exceptions.UpdateFinishedTrialError as exc:
-            log.warning("trial %s: a result after Optuna finished the trial (a resumed search); not passed "
-                        "to Optuna: %s", trial_id, exc)
+        self._stock_result(trial_id, result, lambda: self._ot_trials[trial_id].report(float(value), int(step)))
 
-    def _stock_result(self, trial_id: str, result: dict[str, Any]) -> None:
+    def _stock_result(self, trial_id: str, result: dict[str, Any], report: Any = None) -> None:
+        """Pass a result on to Optuna (``report``, else the stock way); a trial Optuna already
+        finished (a resumed search) is logged, not raised into Tune's loop."""
         try:
-            super().on_trial_result(trial_id, result)
+            if report is not None:
+                report()
+            else:
+                super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError as exc:
             log.warning("trial %s: a result after Optuna finished the trial (a resumed search); not passed "
                         "to Optuna: %s", trial_id, exc)

@@ -60,11 +60,13 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
         levels = []
         if clusters is not None:
             index = index.to(run.device)
-            # ProtoNCE's columns belong to the global batch: every rank sees all its rows' clusters.
-            step_index = dist_utils.all_gather_cat(index)
+            # ProtoNCE's columns belong to the global batch: every rank sees all its rows' clusters
+            # (one process holds the whole batch: nothing to gather, nor to index twice).
+            step_index = dist_utils.all_gather_cat(index) if run.world > 1 else None
             offset = dist_utils.rank() * index.numel()
             levels = [LevelBatch(lv.centroids, lv.assignment[index], lv.concentration,
-                                 batch_assignment=lv.assignment[step_index], row_offset=offset)
+                                 batch_assignment=None if step_index is None else lv.assignment[step_index],
+                                 row_offset=offset)
                       for lv in clusters.levels]
         loss, parts = pcl_loss(q, k, model.queue, levels, temperature=cfg.pcl.temperature, config=run.proto_cfg,
                                proto_weight=cfg.pcl.proto_weight, generator=run.neg_gen)
