@@ -57,7 +57,7 @@ class Experiment:
             ran ``max_t`` epochs / stopped: ended earlier, ASHA stopped it / errored / running: no
             terminal result yet); ``order`` (0 = started first); one column per searched parameter
             (dotted name, e.g. ``optim.lr``; NaN where a conditional parameter was not sampled);
-            ``epochs`` (epochs run); ``best_epoch`` (epoch of the trial's best objective);
+            ``epochs`` (the last epoch its model reached); ``best_epoch`` (epoch of the trial's best objective);
             ``best_<metric>`` (best value over the trial's epochs, NaN if never reported) and
             ``last_<metric>``: the trial's score is one of them (:attr:`objective_col`); ``wall_time_s`` (Tune's ``time_total_s``: trial start-up included);
             ``train_time_s`` (sum of ``time_epoch``); ``start_time`` (unix seconds);

@@ -311,3 +311,63 @@ def comparison(table: pd.DataFrame, group: str, row: str | None, metric: str, pa
 
 __all__ = ["best_so_far", "comparison", "importance_bars", "objective_vs_epoch", "param_effects",
            "proto_levels"]
+
+
+def pbt_schedules(exp: Experiment, path: Path) -> Path | None:
+    """Population Based Training: per epoch, the objective of each trial's final model (from its
+    checkpoint's records) and each mutated numeric setting and the finest cluster count along its
+    lineage (:mod:`analysis.pbt`). The best trial is drawn thick; the others thin."""
+    from . import pbt
+
+    table = pbt.schedules(exp)
+    if not len(table):
+        return None
+    keys = pbt.numeric_settings(table, pbt.mutated(exp))
+    table = table.assign(finest_clusters=[float(c.split(",")[-1]) if isinstance(c, str) and c else math.nan
+                                          for c in table["clusters"]])
+    panels = ["objective", *keys] + (["finest_clusters"] if table["finest_clusters"].notna().any() else [])
+    try:
+        best_id = exp.best().trial_id
+    except Exception:
+        best_id = None
+    ncols = 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _subplots(nrows, ncols, figsize=(11.0, 2.6 * nrows))
+    flat = list(np.ravel(axes))
+    trials = list(dict.fromkeys(table["trial_id"]))
+    colors = dict(zip(trials, _colors(len(trials))))
+    for ax, panel in zip(flat, panels):
+        for t in trials:
+            lw, alpha, z = (2.6, 1.0, 5) if t == best_id else (1.0, 0.55, 2)
+            if panel == "objective":
+                d = pbt.lineage_metrics(exp, t)
+                if not len(d) or exp.metric not in d.columns:
+                    continue
+                ax.plot(d["epoch"], d[exp.metric], "-", color=colors[t], lw=lw, alpha=alpha, zorder=z)
+            else:
+                d = table[table["trial_id"] == t]
+                ax.step(d["epoch"], d[panel].astype(float), where="mid", color=colors[t], lw=lw, alpha=alpha, zorder=z)
+        if panel == "objective":
+            ax.set_ylabel(metric_label(exp.metric))
+            ax.set_title("objective along each trial's lineage", fontsize=9)
+        else:
+            ax.set_ylabel("finest cluster count" if panel == "finest_clusters" else panel, fontsize=8)
+            param = exp.space.param(panel)
+            if (param is not None and param.log) or panel == "finest_clusters":
+                _log_y(ax)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in flat[max(0, len(panels) - ncols):len(panels)]:
+        ax.set_xlabel("epoch")
+    if best_id is not None:
+        fig.suptitle(f"Settings learned by Population Based Training (thick: best trial {best_id})", fontsize=10)
+    return _save(fig, path)
+
+
+def _log_y(ax: Axes) -> None:
+    """A log y axis with plain tick labels (settings span decades)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())

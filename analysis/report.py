@@ -18,7 +18,7 @@ import pandas as pd
 from pcl_tune import metrics
 from pcl_tune.config import flatten, unflatten
 
-from . import plots, study
+from . import pbt, plots, study
 from .experiment import ANALYSIS_DIR, Experiment, compare, load
 from .importance import MIN_TRIALS, Importance, make_evaluator
 from .render import Block, fmt, render_html, render_markdown
@@ -101,6 +101,10 @@ def make_figures(exp: Experiment, imp: Importance, folder: Path) -> Figures:
                                 groups=groups, replicates=exp.replicates)
         figs[f"cmp_{i}"] = _img(path, ("Duplicate handling" if c.name == "duplicates" else "Prototype loss")
                                 + f", {c.budget}")
+    if pbt.is_pbt(exp):
+        figs["pbt_schedules"] = _img(plots.pbt_schedules(exp, folder / "pbt_schedules.png"),
+                                     "Population Based Training: the objective and the settings along each "
+                                     "trial's lineage (thick: the best trial)")
     return figs
 
 
@@ -160,6 +164,40 @@ def _best_section(exp: Experiment, best_yaml: Path, best_yaml_written: bool) -> 
         ]),
         Block("p", "Re-run the best configuration from scratch:"), Block("code", exp.rerun_command()),
     ]
+
+
+def _pbt_section(exp: Experiment, figs: Figures, saved: list[Path]) -> list[Block]:
+    """Population Based Training: the clones, the best trial's lineage and learned schedule."""
+    if not pbt.is_pbt(exp):
+        return []
+    blocks = [Block("h2", "Population Based Training"), Block("list", items=pbt.summary_lines(exp))]
+    best = exp.best()
+    seg = pbt.segments(exp, best.trial_id)
+    if len(seg):
+        blocks += [Block("h3", f"Lineage of the best trial ({best.trial_id})"), Block("table", table=seg)]
+    if figs.get("pbt_schedules") is not None:
+        blocks.append(figs["pbt_schedules"])
+    blocks.append(Block("p", "The best trial's settings changed during training: `best.yaml` holds its final "
+                             "settings, and training them from scratch is another run. Its model is in its "
+                             "checkpoint; the settings in effect at every epoch of every trial are in "
+                             "`analysis/pbt_schedules.csv`, the clones in `analysis/pbt_clones.csv`."))
+    c = pbt.clones(exp)
+    if len(c):
+        blocks += [Block("h3", "Clones"), Block("table", table=c)]
+    return blocks
+
+
+def save_pbt_tables(exp: Experiment, folder: Path) -> list[Path]:
+    """``pbt_schedules.csv`` and ``pbt_clones.csv`` of a PBT search (nothing otherwise)."""
+    if not pbt.is_pbt(exp):
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, df in (("pbt_schedules", pbt.schedules(exp)), ("pbt_clones", pbt.clones(exp))):
+        path = folder / f"{name}.csv"
+        df.to_csv(path, index=False)
+        out.append(path)
+    return out
 
 
 def _searched_section(exp: Experiment) -> list[Block]:
@@ -350,7 +388,7 @@ def build_blocks(exp: Experiment, figures: Figures, imp: Importance, top: int, b
                  best_yaml_written: bool, saved: list[Path]) -> list[Block]:
     """The report's content (shared by the Markdown and HTML renderings)."""
     return (_header(exp) + _verdict_section(exp) + _best_section(exp, best_yaml, best_yaml_written)
-            + _downstream_section(exp)
+            + _pbt_section(exp, figures, saved) + _downstream_section(exp)
             + _searched_section(exp) + _search_section(exp, figures, imp, top) + _compute_section(exp) + _comparison_section(exp, figures)
             + _trials_section(exp, figures, saved))
 
@@ -370,7 +408,7 @@ def write_report(exp_dir: Path, *, metric: str | None = None, mode: str | None =
     exp = experiment if experiment is not None else load(exp_dir, metric=metric, mode=mode)
     exp.require_results()
     folder = exp.path / ANALYSIS_DIR
-    saved = exp.save(folder)
+    saved = exp.save(folder) + save_pbt_tables(exp, folder)
     best_yaml = exp.best_yaml_path()
     written = not best_yaml.is_file()
     exp.write_best_yaml()

@@ -142,7 +142,8 @@ def trials_table(raw: Sequence[RawTrial], epochs: pd.DataFrame, param_names: Seq
     rows = []
     for order, t in enumerate(raw):
         df = by_trial.get(t.trial_id)
-        n = 0 if df is None else int(df["epoch"].nunique())
+        # The last epoch the trial's model reached (a PBT clone can skip epochs its donor trained).
+        n = 0 if df is None or not len(df) else int(df["epoch"].max())
         row: dict[str, Any] = {"trial_id": t.trial_id, "status": trial_status(t, n, max_t)}
         row.update({p: t.params.get(p, np.nan) for p in names})
         row["epochs"] = n

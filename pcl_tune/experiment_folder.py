@@ -10,6 +10,9 @@ and the one definition of "the best trial".
 * Tune's own files: ``experiment_state-*.json``, ``tuner.pkl`` and one ``trial_<id>/`` folder per
   trial (``params.json``, ``result.json``, ``progress.csv``, checkpoints, ``error.txt``);
 * ``train_runs/``: Ray Train's run folders (train executor);
+* PBT searches: ``pbt_lineage/`` (every trial's start and every clone, :mod:`pcl_tune.pbt`),
+  ``pbt_clones/<trial>/`` (the donor checkpoint a clone restored from) and Ray's own
+  ``pbt_global.txt`` / ``pbt_policy_*.txt``;
 * at the end: ``trials.csv``, ``best.yaml`` (the best trial's full config) and the report;
   ``downstream.csv`` once ``python -m pcl_tune.evaluate --best`` has judged the best trials.
 """

@@ -18,6 +18,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,16 @@ def describe_space(space: SearchSpace) -> str:
     elif space.algorithm == "grid":
         n = math.prod(len(p.choices) for p in space.params)
         lines.append(f"  searcher: grid of {n} combinations x {space.num_samples} sample(s)")
+    elif space.is_pbt and space.pbt is not None:
+        from .space import pbt_burn_in
+
+        b = space.pbt
+        lines.append(f"  Population Based Training: {b.population} trials drawn at random (seed {space.seed}) train "
+                     f"together; every {b.interval} epochs from epoch {pbt_burn_in(space)} the bottom "
+                     f"{b.quantile:.0%} clone a top-{b.quantile:.0%} trial and perturb {', '.join(b.mutate)} "
+                     f"(resample p={b.resample_probability:g}, factors {list(b.perturbation_factors)})")
+        for point in space.points_to_evaluate[: b.population]:
+            lines.append("    in the population: " + ", ".join(f"{k}={v}" for k, v in point.items()))
     else:
         told = ("as pruned (ranked by how far they got)" if space.stopped_trials == "pruned"
                 else "as complete with their last value (stock Ray Tune)")
@@ -142,11 +153,14 @@ def describe_space(space: SearchSpace) -> str:
             lines.append("    evaluated first: " + ", ".join(f"{k}={v}" for k, v in point.items()))
     if space.has_baseline:
         point = {k: v for k, v in space.baseline_point().items() if k != "arm"}
-        lines.append("  baseline (MoCo v2, not told to TPE, never stopped early): "
+        lines.append("  baseline (MoCo v2, " + ("not in the population, never cloned or perturbed): " if space.is_pbt
+                                         else "not told to TPE, never stopped early): ")
                      + ", ".join(f"{k}={v}" for k, v in point.items())
                      + (" (once per seed)" if space.is_ablation else ""))
     max_t = space.resolved_max_t()
-    if space.asha:
+    if space.is_pbt:
+        lines.append(f"  no early stopping: every trial runs {max_t} epochs (PBT replaces its weakest instead)")
+    elif space.asha:
         lines.append(f"  ASHA on the epoch: grace {space.grace_period}, reduction factor {space.reduction_factor}, "
                      f"max_t {max_t}, brackets {space.brackets}")
     else:
@@ -270,16 +284,24 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
                                   train_storage=str(exp_dir / F.TRAIN_RUNS), max_failures=max_failures)
     resources = {k.lower() if k in ("CPU", "GPU") else k: v for k, v in plan.trial_resources.items()}
     trainable = tune.with_resources(fn, resources)
+    if space.is_pbt:
+        # Ray warns that num_to_keep <= 2 can delete a donor's checkpoint before its clone restores:
+        # BoundedPBT clones the donor's latest checkpoint (never deleted) and copies it at once.
+        warnings.filterwarnings("ignore", message=r"Using `CheckpointConfig.num_to_keep <= 2` with PBT")
     if restore:
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     param_space: dict[str, Any] = {}
     searcher: Any
-    if space.algorithm == "grid":
+    scheduler: Any = None
+    if space.is_pbt:
+        param_space, searcher, scheduler = _pbt_parts(space, max_concurrent=plan.max_concurrent)
+        num_samples = space.total_trials()
+    elif space.algorithm == "grid":
         # Every cell is a preset point (seed by seed, the baseline among them): Tune runs them in
         # this order, and each trial's params.json holds its full cell.
         cells = space.cells()
         param_space = dict(cells[0]) if cells else {}
-        searcher = BasicVariantGenerator(points_to_evaluate=cells)
+        searcher = BasicVariantGenerator(points_to_evaluate=cells, max_concurrent=plan.max_concurrent)
         num_samples = len(cells)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / F.OPTUNA_DB}")
@@ -296,7 +318,6 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
                                          stopped_trials=space.stopped_trials)
         num_samples = space.total_trials()
     max_t = space.resolved_max_t()
-    scheduler = None
     if space.asha:
         scheduler = BaselineExemptASHA(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
                                        reduction_factor=space.reduction_factor, brackets=space.brackets)
@@ -305,7 +326,10 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
-            num_samples=num_samples, max_concurrent_trials=plan.max_concurrent,
+            num_samples=num_samples,
+            # A BasicVariantGenerator (grid, PBT) takes the cap itself; Tune ignores this one then, with a warning.
+            max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else plan.max_concurrent,
+            reuse_actors=True if space.is_pbt else None,  # a clone restarts in a running process
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             trial_name_creator=lambda t: f"trial_{t.trial_id}",
         ),
@@ -316,6 +340,31 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
             verbose=1,
         ),
     )
+
+
+def _pbt_parts(space: SearchSpace, *, max_concurrent: int) -> tuple[dict[str, Any], Any, Any]:
+    """(param_space, searcher, scheduler) of a PBT search: a random initial population (the space's
+    points first, then the MoCo v2 baseline) and :class:`~pcl_tune.searcher.BoundedPBT`."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from .searcher import BoundedPBT, tune_domain
+    from .space import ARM_KEY, pbt_burn_in
+
+    assert space.pbt is not None
+    b = space.pbt
+    param_space: dict[str, Any] = {p.name: tune_domain(p) for p in space.params}
+    points = [dict(p) for p in space.points_to_evaluate[: b.population]]
+    if space.has_baseline:
+        param_space[ARM_KEY] = None  # PCL trials carry no arm; the baseline's point sets it
+        points.insert(min(1, len(points)), space.baseline_point())
+    searcher = BasicVariantGenerator(points_to_evaluate=points or None, random_state=space.seed,
+                                     max_concurrent=max_concurrent)
+    scheduler = BoundedPBT(params=[p for p in space.params if p.name in b.mutate], seed=space.seed,
+                           resample_probability=b.resample_probability, perturbation_factors=b.perturbation_factors,
+                           time_attr="epoch", perturbation_interval=b.interval, burn_in_period=pbt_burn_in(space),
+                           quantile_fraction=b.quantile, synch=False, all_live=max_concurrent >= space.total_trials(),
+                           last_epoch=space.resolved_max_t())
+    return param_space, searcher, scheduler
 
 
 def summarize(results: Any, space: SearchSpace, exp_dir: Path) -> dict[str, Any] | None:
@@ -390,8 +439,9 @@ def _warm_start(space: SearchSpace, args: argparse.Namespace) -> Any:
     """Load ``--warm-start`` folders and put their best configurations first (None without any)."""
     if not args.warm_start:
         return None
-    if space.algorithm == "grid" or space.is_ablation:
-        raise SpaceError(f"--warm-start: {space.path} is a grid or an ablation; only a TPE search is warm-started")
+    if space.algorithm == "grid" or space.is_ablation or space.is_pbt:
+        raise SpaceError(f"--warm-start: {space.path} is a grid, an ablation or a PBT search; only a TPE search is "
+                         "warm-started")
     from .warm_start import load_warm_start
 
     warm = load_warm_start(args.warm_start, space, top=args.warm_start_top)
@@ -430,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             space_file = Path(args.space)
         space = apply_cli(load_space(space_file), args)
         check_batch_size(space)  # again: --workers-per-trial changes how the batch splits
+        if space.is_pbt and space.resources.executor == "train":
+            raise SpaceError(f"{space.path}: `scheduler: pbt` runs with the direct executor (a Ray Train trial "
+                             "resumes its own checkpoint, not the one PBT clones); drop --executor train / "
+                             "--workers-per-trial")
         name = args.name or space.name
         check_experiment_name(name, "--name" if args.name else f"{space.path}: key 'name'")
         exp_dir = storage_root / name

@@ -1,4 +1,5 @@
-"""The Optuna searcher the search uses: Ray Tune's ``OptunaSearch``, safe to resume after a kill.
+"""The searcher and schedulers the search uses: Ray Tune's ``OptunaSearch``, safe to resume after a
+kill; ASHA and Population Based Training that leave the MoCo v2 baseline alone.
 
 Kept apart from :mod:`pcl_tune.search` because Tune pickles the searcher into the experiment
 folder and must import its class on restore; this module imports Ray at the top, the CLI does not.
@@ -6,15 +7,21 @@ folder and must import its class on restore; this module imports Ray at the top,
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from typing import Any
 
+import numpy as np
 import optuna
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+import pyarrow.fs as pafs
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .space import ARM_KEY, BASELINE_ARM
+from .pbt import LINEAGE_DIR, perturb
+from .space import ARM_KEY, BASELINE_ARM, Param
 
 log = logging.getLogger("pcl_tune.search")
 
@@ -156,3 +163,154 @@ class BaselineExemptASHA(AsyncHyperBandScheduler):
             self._num_stopped -= 1
             return TrialScheduler.CONTINUE
         return action
+
+
+def tune_domain(p: Param) -> Any:
+    """The Ray Tune sampling domain of a searched parameter (PBT's initial population)."""
+    if p.kind == "choice":
+        return tune.choice(list(p.choices))
+    lo, hi = p.low, p.high
+    if p.kind == "int":
+        step = int(p.step or 1)
+        if p.log:
+            return tune.lograndint(int(lo), int(hi) + 1)  # type: ignore[arg-type]
+        return tune.qrandint(int(lo), int(hi), step) if step > 1 else tune.randint(int(lo), int(hi) + 1)  # type: ignore[arg-type]
+    return tune.loguniform(float(lo), float(hi)) if p.log else tune.uniform(float(lo), float(hi))  # type: ignore[arg-type]
+
+
+class BoundedPBT(PopulationBasedTraining):
+    """Ray Tune's asynchronous ``PopulationBasedTraining`` with bounded, seeded perturbations, a
+    lineage log, and the MoCo v2 baseline kept out of the population.
+
+    * **Perturbations** (:func:`pcl_tune.pbt.perturb`): stock PBT multiplies a range by 0.8 or 1.2
+      without bounds (a temperature can leave its range, an integer ``k = 2`` never moves:
+      round(2 * 1.2) = 2) and draws from Python's global ``random``. Here each mutated setting
+      stays inside its searched range, integers move a step, choices move to a neighbour, and
+      every draw comes from one generator seeded with ``searcher.seed``.
+    * **Lineage log**: every trial's start and every clone (who cloned whom, at which epochs, with
+      which settings) goes to ``pbt_lineage/`` in the experiment folder
+      (:mod:`pcl_tune.pbt`); the analysis rebuilds each trial's learned schedule from it.
+    * **Not at the last epoch** (``last_epoch``): stock PBT also perturbs a trial at its final
+      report, sending it back to a donor's earlier checkpoint to redo epochs for nothing.
+    * **Baseline**: the MoCo v2 trial (``arm: moco_v2``) is never compared, cloned or perturbed,
+      so it runs its own settings for the full budget like any baseline.
+    """
+
+    def __init__(self, *, params: list[Param], seed: int = 0, resample_probability: float = 0.25,
+                 perturbation_factors: tuple[float, ...] = (0.8, 1.2), all_live: bool = False,
+                 last_epoch: int | None = None, **kwargs: Any) -> None:
+        mutations = {p.name: list(p.choices) if p.kind == "choice" else tune_domain(p) for p in params}
+        super().__init__(hyperparam_mutations=mutations, resample_probability=resample_probability,
+                         perturbation_factors=tuple(perturbation_factors), **kwargs)  # type: ignore[arg-type]
+        self._params = list(params)
+        self._rng = np.random.default_rng(seed)
+        self._last_operations: dict[str, str] = {}
+        self._all_live = all_live
+        self._last_epoch = last_epoch
+        self._result_time: Any = None
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        self._log(trial, {"event": "start", "trial": trial.trial_id, "config": dict(trial.config)})
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if trial.config.get(ARM_KEY) == BASELINE_ARM:
+            return TrialScheduler.CONTINUE  # never scored, so never in a quantile: neither donor nor clone
+        self._result_time = result.get(self._time_attr)
+        if self._last_epoch is not None and self._result_time is not None and self._result_time >= self._last_epoch:
+            return TrialScheduler.CONTINUE  # a trial's last epoch: cloning into it would only redo epochs
+        action = super().on_trial_result(tune_controller, trial, result)
+        if self._all_live and action == TrialScheduler.PAUSE and trial.status != "PAUSED":
+            # Stock PBT pauses every trial at its perturbation point while another is paused or
+            # pending, to share the slots fairly; when the whole population runs at once, the only
+            # paused trial is one restarting from a clone, and a pause would cost a restart.
+            return TrialScheduler.CONTINUE
+        return action
+
+    def _checkpoint_or_exploit(self, trial: Any, tune_controller: Any, upper_quantile: list[Any],
+                               lower_quantile: list[Any]) -> None:
+        """A trial in the bottom quantile clones a random top-quantile trial's latest checkpoint.
+
+        Stock PBT asks every top trial to save again at its perturbation point and clones that
+        save. For a function trainable the save returns the checkpoint just reported, which Tune
+        then registers a second time; when Tune later deletes the older entry it deletes the
+        folder both point to (measured: "Path not found" errors, and a clone that could not
+        restore). Here nothing is saved twice: the clone takes the donor's latest registered
+        checkpoint, which Tune never deletes, and copies it at once
+        (:meth:`_copy_donor_checkpoint`); the lineage log records that checkpoint's epoch.
+        """
+        if trial not in lower_quantile or not upper_quantile:
+            return
+        donor = upper_quantile[int(self._rng.integers(len(upper_quantile)))]
+        latest = donor.run_metadata.checkpoint_manager.latest_checkpoint_result
+        if latest is None or latest.checkpoint is None:
+            log.info("PBT: trial %s has no checkpoint yet; trial %s is not cloned this round", donor.trial_id,
+                     trial.trial_id)
+            return
+        state = self._trial_state[donor]
+        state.last_checkpoint, state.last_result = latest.checkpoint, latest.metrics
+        self._exploit(tune_controller, trial, donor)
+
+    def _get_new_config(self, trial: Any, trial_to_clone: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        new, ops = perturb(dict(trial_to_clone.config), self._params, self._rng,
+                           resample_probability=self._resample_probability, factors=self._perturbation_factors)
+        self._last_operations = ops
+        return new, dict(ops)
+
+    def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
+        trial_epoch = self._result_time  # Tune updates trial.last_result after this callback
+        copy = self._copy_donor_checkpoint(trial, self._trial_state[trial_to_clone].last_checkpoint)
+        if copy is None:
+            return  # the donor's checkpoint is gone: no exploit this round, as stock PBT does without one
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        trial.run_metadata.checkpoint_manager._latest_checkpoint_result.checkpoint = copy
+        donor = self._trial_state[trial_to_clone].last_result or {}
+        self._log(trial, {"event": "clone", "trial": trial.trial_id, "donor": trial_to_clone.trial_id,
+                          "donor_epoch": donor.get(self._time_attr), "trial_epoch": trial_epoch,
+                          "config": dict(trial.config), "operations": self._last_operations})
+
+    def _copy_donor_checkpoint(self, trial: Any, checkpoint: Any) -> Any:
+        """A copy of the donor's checkpoint, in ``pbt_clones/<trial id>/`` of the experiment, for the
+        clone to restore from (None, logged, when it cannot be copied).
+
+        Tune deletes a trial's older checkpoints as it reports new ones; the donor goes on
+        training while the clone restarts, so the folder the clone would restore from can be gone
+        by then (measured: a clone restored a few seconds after the exploit found it deleted and
+        errored). The copy belongs to the clone alone; it replaces the clone's previous copy, which
+        it no longer needs (it has reported checkpoints since).
+        """
+        from ray.train import Checkpoint
+
+        if checkpoint is None:
+            return None
+        fs = checkpoint.filesystem
+        dest = f"{trial.storage.experiment_fs_path}/pbt_clones/{trial.trial_id}"
+        try:
+            fs.delete_dir_contents(dest, missing_dir_ok=True)
+            fs.create_dir(dest, recursive=True)
+            pafs.copy_files(checkpoint.path, dest, source_filesystem=fs, destination_filesystem=fs)
+        except (OSError, ValueError) as e:
+            log.warning("PBT: trial %s not cloned: its donor's checkpoint %s cannot be copied (%s)",
+                        trial.trial_id, checkpoint.path, e)
+            return None
+        return Checkpoint(path=dest, filesystem=fs)
+
+    def _log(self, trial: Any, event: dict[str, Any]) -> None:
+        """Write one event of the lineage log (never raises into Tune's loop).
+
+        One small file per event, written straight to the experiment folder on the storage file
+        system (``pbt_lineage/<time>_<event>_<trial>.json``): Tune's driver folder is synced up
+        only every few seconds (a killed driver loses what was not), and on resume Tune brings back
+        only its own ``.json``/``.pkl`` files, so a log kept there would be overwritten by the
+        resumed search's new, shorter one. Separate files need no append, which object stores lack.
+        """
+        stamp = time.time()
+        try:
+            fs = trial.storage.storage_filesystem
+            folder = f"{trial.storage.experiment_fs_path}/{LINEAGE_DIR}"
+            fs.create_dir(folder, recursive=True)
+            name = f"{time.time_ns():020d}_{event['event']}_{trial.trial_id}.json"
+            with fs.open_output_stream(f"{folder}/{name}") as f:
+                f.write(json.dumps({**event, "time": stamp}, default=str).encode())
+        except (OSError, ValueError) as e:
+            log.warning("PBT lineage log not written (%s): %s", event.get("event"), e)

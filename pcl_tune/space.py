@@ -68,7 +68,8 @@ from .config import ConfigError, TrainConfig, config_from_dict, flatten, merge, 
 from .data import train_size
 from .metrics import lookup, reported_metrics
 
-TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "asha", "resources", "ablation")
+TOP_KEYS = ("name", "description", "fixed", "search", "objective", "searcher", "scheduler", "asha", "pbt", "resources",
+            "ablation")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SEARCHER_KEYS = ("algorithm", "seed", "startup_trials", "num_samples", "points_to_evaluate", "baseline",
                  "stopped_trials")
@@ -85,6 +86,16 @@ BASELINE_ARM = "moco_v2"
 BASELINE_SETTINGS = {"pcl.proto_weight": 0.0}
 SEED_KEY = "seed"
 SEARCH_ALGORITHMS = ("tpe", "grid")
+SCHEDULERS: tuple[str, ...] = ("asha", "pbt")
+"""``scheduler``: ASHA early stopping over TPE's trials (``asha``), or Population Based Training
+(``pbt``: a population trained together; the weak clone the strong and perturb their settings)."""
+PBT_KEYS = ("population", "interval", "burn_in", "quantile", "resample_probability", "perturbation_factors", "mutate")
+PBT_MUTABLE: tuple[str, ...] = ("pcl.", "optim.lr", "optim.momentum", "optim.weight_decay", "model.momentum")
+"""Settings a running trial can change between two epochs (a dotted key, or a prefix ending in '.').
+A resumed trial rebuilds its run from the config and then loads the model, queue and optimiser
+state, re-applying these settings (:meth:`pcl_tune.train.state.RunState.load_state_dict`); each
+epoch re-clusters at the schedule's counts, so a new schedule takes effect at the next epoch.
+Architecture, data, batch and epoch settings would not fit the cloned weights or schedule."""
 ASHA_KEYS = ("enabled", "grace_period", "reduction_factor", "max_t", "brackets")
 RESOURCE_KEYS = ("executor", "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "cpus_per_worker",
                  "gpus_per_worker", "max_concurrent")
@@ -177,6 +188,50 @@ class Resources:
     max_concurrent: int | None = None
 
 
+def pbt_mutable(key: str) -> bool:
+    """Whether a running trial can change setting ``key`` between epochs (:data:`PBT_MUTABLE`)."""
+    return any(key.startswith(m) if m.endswith(".") else key == m for m in PBT_MUTABLE)
+
+
+@dataclass
+class PBTSettings:
+    """The ``pbt`` section: Population Based Training (Jaderberg et al., 2017, arXiv 1711.09846).
+
+    ``population`` trials train together. Every ``interval`` epochs from ``burn_in`` on, a trial in
+    the bottom ``quantile`` of the population (by its latest objective) loads the checkpoint of a
+    trial in the top ``quantile`` and continues from it with that trial's settings, perturbed
+    (:class:`pcl_tune.searcher.BoundedPBT`): each setting in ``mutate`` is, with probability
+    ``resample_probability``, drawn afresh from its distribution; otherwise a range is multiplied
+    by one of ``perturbation_factors`` (in log space for a log range) and clipped to its bounds,
+    an integer moves one step, a choice moves to a neighbouring value in the listed order (so list
+    cluster schedules from coarse to fine). Searched settings not in ``mutate`` are drawn once
+    for the initial population and copied on cloning.
+    """
+
+    population: int = 8
+    interval: int = 6
+    burn_in: int | None = None
+    """First epoch at which trials are compared (default: the first multiple of ``interval`` after
+    the warm-up, so every comparison sees prototypes)."""
+    quantile: float = 0.25
+    resample_probability: float = 0.25
+    perturbation_factors: tuple[float, float] = (0.8, 1.2)
+    mutate: list[str] = field(default_factory=list)
+    """Settings perturbed on cloning (default: every searched setting in :data:`PBT_MUTABLE`)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"population": self.population, "interval": self.interval, "burn_in": self.burn_in,
+                "quantile": self.quantile, "resample_probability": self.resample_probability,
+                "perturbation_factors": list(self.perturbation_factors), "mutate": list(self.mutate)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PBTSettings:
+        out = cls(**{k: v for k, v in d.items() if k in PBT_KEYS})
+        out.perturbation_factors = tuple(out.perturbation_factors)  # type: ignore[assignment]
+        out.mutate = list(out.mutate or [])
+        return out
+
+
 @dataclass
 class SearchSpace:
     """A validated search-space file."""
@@ -212,6 +267,9 @@ class SearchSpace:
     """Ablation: the arm differences are taken against (None: the first arm)."""
     ablation_metrics: list[str] = field(default_factory=list)
     """Ablation: metrics with verdicts (empty: the objective)."""
+    scheduler: str = "asha"
+    """``asha`` (TPE + ASHA, or a grid) or ``pbt`` (:class:`PBTSettings`)."""
+    pbt: PBTSettings | None = None
     stopped_trials: str = "pruned"
     """How a trial ASHA stopped before its budget is told to Optuna: ``pruned`` (TPE ranks it by
     how far it got) or ``complete`` (stock Ray Tune: as a finished trial with its last value)."""
@@ -219,6 +277,11 @@ class SearchSpace:
     @property
     def is_ablation(self) -> bool:
         return bool(self.seeds)
+
+    @property
+    def is_pbt(self) -> bool:
+        """Population Based Training (``scheduler: pbt``)."""
+        return self.scheduler == "pbt" and self.pbt is not None
 
     @property
     def has_baseline(self) -> bool:
@@ -312,7 +375,8 @@ class SearchSpace:
             "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
             "max_t": self.resolved_max_t(), "brackets": self.brackets, "resources": dataclasses.asdict(self.resources),
             "baseline": self.has_baseline, "seeds": list(self.seeds), "arms": self.arms, "reference": self.reference,
-            "ablation_metrics": list(self.ablation_metrics),
+            "ablation_metrics": list(self.ablation_metrics), "scheduler": self.scheduler,
+            "pbt": self.pbt.to_json() if self.pbt is not None else None,
         }
 
     @classmethod
@@ -337,7 +401,7 @@ class SearchSpace:
         defaults = cls(Path(where), "", "", {}, [])
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("path", "params", "resources") or f.name not in data or data[f.name] is None:
+            if f.name in ("path", "params", "resources", "pbt") or f.name not in data or data[f.name] is None:
                 continue
             kwargs[f.name] = data[f.name]
         space = dataclasses.replace(defaults, **kwargs, params=params,
@@ -349,6 +413,11 @@ class SearchSpace:
         space.seeds = [int(v) for v in space.seeds or []]
         space.arms = {str(k): dict(v or {}) for k, v in (space.arms or {}).items()}
         space.ablation_metrics = list(space.ablation_metrics or [])
+        if isinstance(data.get("pbt"), dict):
+            try:
+                space.pbt = PBTSettings.from_json(data["pbt"])
+            except (TypeError, ValueError) as e:
+                raise SpaceError(f"{where}: key 'pbt': got {data['pbt']!r}, expected a pbt section ({e})") from None
         if "baseline" not in data:  # written before the baseline existed: it had none
             space.baseline = False
         for key, tp in (("num_samples", int), ("grace_period", int), ("reduction_factor", int), ("max_t", int)):
@@ -374,6 +443,12 @@ class SearchSpace:
         s.startup_trials = min(self.startup_trials, 2)
         s.grace_period = 2
         s.max_t = 3
+        if s.is_pbt and s.pbt is not None:
+            # PBT needs room for two perturbation rounds: 6 epochs, compared every 2 after epoch 2.
+            s.fixed = merge(s.fixed, {"epochs": min(6, self.base_config().epochs)})
+            s.max_t = None
+            s.pbt = dataclasses.replace(s.pbt, population=min(s.pbt.population, 4), interval=2, burn_in=2)
+            s.num_samples = s.pbt.population
         return s
 
 
@@ -558,6 +633,12 @@ def load_space(path: str | Path) -> SearchSpace:
     if stopped not in STOPPED_TRIALS:
         raise ld.fail("searcher.stopped_trials", stopped, f"one of {', '.join(STOPPED_TRIALS)}")
     asha = ld.section(data, "asha", ASHA_KEYS)
+    scheduler = data.get("scheduler", "asha")
+    if scheduler not in SCHEDULERS:
+        raise ld.fail("scheduler", scheduler, f"one of {', '.join(SCHEDULERS)}")
+    pbt_section = ld.section(data, "pbt", PBT_KEYS)
+    if pbt_section and scheduler != "pbt":
+        raise ld.fail("pbt", "...", "no pbt section unless `scheduler: pbt`")
     res = ld.section(data, "resources", RESOURCE_KEYS)
     space = SearchSpace(
         path=p, name=str(data.get("name") or p.stem), description=str(data.get("description") or ""),
@@ -576,10 +657,69 @@ def load_space(path: str | Path) -> SearchSpace:
     )
     if not isinstance(space.baseline, bool):
         raise ld.fail("searcher.baseline", space.baseline, "true or false")
+    if scheduler == "pbt":
+        _parse_pbt(ld, space, pbt_section, srch, asha, abl)
     if abl:
         _parse_ablation(ld, space, abl, srch, asha, data)
     validate_space(space)
     return space
+
+
+def _parse_pbt(ld: _Loader, space: SearchSpace, sec: dict[str, Any], srch: dict[str, Any], asha: dict[str, Any],
+               abl: dict[str, Any]) -> None:
+    """The ``pbt`` section (``scheduler: pbt``): population, interval, burn-in, perturbations."""
+    if abl:
+        raise ld.fail("scheduler", "pbt", "asha (an ablation runs a grid at full budget, not a population)")
+    if asha:
+        raise ld.fail("asha", "...", "no asha section with `scheduler: pbt` (PBT replaces early stopping)")
+    if srch.get("algorithm", "tpe") != "tpe":
+        raise ld.fail("searcher.algorithm", srch["algorithm"], "nothing with `scheduler: pbt` (the initial "
+                                                               "population is drawn at random)")
+    for k in ("num_samples", "startup_trials", "stopped_trials"):
+        if k in srch:
+            raise ld.fail(f"searcher.{k}", srch[k], "nothing with `scheduler: pbt` (pbt.population sets the trials)"
+                          if k == "num_samples" else "nothing with `scheduler: pbt` (no TPE)")
+    d = PBTSettings()
+    population = ld.number("pbt.population", sec.get("population", d.population), integer=True, minimum=2)
+    interval = ld.number("pbt.interval", sec.get("interval", d.interval), integer=True, minimum=1)
+    burn_in = sec.get("burn_in")
+    if burn_in is not None:
+        ld.number("pbt.burn_in", burn_in, integer=True, minimum=0)
+    quantile = ld.number("pbt.quantile", sec.get("quantile", d.quantile))
+    if not 0 < quantile <= 0.5:
+        raise ld.fail("pbt.quantile", quantile, "a fraction in (0, 0.5]")
+    resample = ld.number("pbt.resample_probability", sec.get("resample_probability", d.resample_probability),
+                         positive=False, minimum=0)
+    if resample > 1:
+        raise ld.fail("pbt.resample_probability", resample, "a probability in [0, 1]")
+    factors = sec.get("perturbation_factors", list(d.perturbation_factors))
+    if (not isinstance(factors, list) or len(factors) < 1
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors)):
+        raise ld.fail("pbt.perturbation_factors", factors, "a list of positive factors, e.g. [0.8, 1.2]")
+    searched = [q.name for q in space.params]
+    mutate = sec.get("mutate")
+    if mutate is None:
+        mutate = [n for n in searched if pbt_mutable(n)]
+    if not isinstance(mutate, list) or not all(isinstance(m, str) for m in mutate):
+        raise ld.fail("pbt.mutate", mutate, "a list of searched settings")
+    for m in mutate:
+        if m not in searched:
+            raise ld.fail("pbt.mutate", m, f"a searched setting (one of {', '.join(searched)})")
+        if not pbt_mutable(m):
+            raise ld.fail("pbt.mutate", m, "a setting a running trial can change between epochs: "
+                          + ", ".join(p + ("*" if p.endswith(".") else "") for p in PBT_MUTABLE))
+    if not mutate:
+        raise ld.fail("pbt.mutate", mutate, "at least one searched setting a running trial can change between "
+                      "epochs: " + ", ".join(p + ("*" if p.endswith(".") else "") for p in PBT_MUTABLE))
+    space.scheduler = "pbt"
+    space.algorithm = "pbt"
+    space.asha = False
+    space.num_samples = population
+    space.startup_trials = population
+    space.pbt = PBTSettings(population=population, interval=interval, burn_in=burn_in, quantile=float(quantile),
+                            resample_probability=float(resample),
+                            perturbation_factors=tuple(float(f) for f in factors),  # type: ignore[arg-type]
+                            mutate=list(mutate))
 
 
 def _parse_ablation(ld: _Loader, space: SearchSpace, abl: dict[str, Any], srch: dict[str, Any],
@@ -665,6 +805,49 @@ def _parse_resources(ld: _Loader, res: dict[str, Any]) -> Resources:
     return r
 
 
+def pbt_burn_in(space: SearchSpace) -> int:
+    """The epoch from which PBT compares trials: ``pbt.burn_in``, or the first multiple of the interval
+    after the warm-up."""
+    assert space.pbt is not None
+    if space.pbt.burn_in is not None:
+        return int(space.pbt.burn_in)
+    warmup = max(int(v) for v in all_values(space, "pcl.warmup_epochs"))
+    return (warmup // space.pbt.interval + 1) * space.pbt.interval
+
+
+def _validate_pbt(space: SearchSpace, ld: _Loader, max_t: int, warmup: int) -> None:
+    """Cross-field checks of a PBT space; raises :class:`SpaceError`."""
+    assert space.pbt is not None
+    pbt = space.pbt
+    if space.max_t is not None:
+        raise ld.fail("asha.max_t", space.max_t, "nothing with `scheduler: pbt`")
+    if pbt.interval >= max_t:
+        raise ld.fail("pbt.interval", pbt.interval, f"fewer epochs than a trial runs ({max_t}), or nothing is ever "
+                                                    "perturbed")
+    burn_in = pbt_burn_in(space)
+    if burn_in % pbt.interval:
+        raise ld.fail("pbt.burn_in", burn_in, f"a multiple of pbt.interval ({pbt.interval}): trials are compared, and "
+                                              "their checkpoints handed to Tune, at those epochs")
+    if burn_in >= max_t:
+        raise ld.fail("pbt.burn_in", burn_in, f"< the epochs of a trial ({max_t})")
+    if pbt.burn_in is not None and burn_in <= warmup < max_t:
+        raise ld.fail("pbt.burn_in", burn_in, f"> the warm-up ({warmup} epochs): comparing trials before "
+                                              "prototypes exist judges nothing")
+    every = [int(v) for v in all_values(space, "checkpoint_every")]
+    if any(pbt.interval % e for e in every):
+        raise ld.fail("fixed.checkpoint_every", max(every), f"a divisor of pbt.interval ({pbt.interval}): trials are "
+                                                           "compared and cloned at multiples of the interval, from "
+                                                           "the checkpoints handed to Tune")
+    for point in space.points_to_evaluate[: pbt.population]:
+        for k, v in point.items():
+            q = space.param(k)
+            if q is not None and not q.contains(v):
+                raise ld.fail(f"searcher.points_to_evaluate.{k}", v, f"a value of {q.describe()}")
+    if space.resources.executor == "train":
+        raise ld.fail("resources.executor", "train", "direct with `scheduler: pbt` (a Ray Train trial resumes its "
+                                                     "own checkpoint, not the one PBT clones; not built yet)")
+
+
 def all_values(space: SearchSpace, key: str) -> list[Any]:
     """Every value ``key`` can take in a trial (the fixed value, or the searched values/bounds,
     and the values ablation arms give it)."""
@@ -744,8 +927,10 @@ def validate_space(space: SearchSpace) -> None:
         if m.startswith("fewshot_") and min(int(v) for v in all_values(space, "eval.fewshot_episodes")) < 1:
             raise ld.fail("ablation.metrics", m, "a metric the configured evaluation produces: set "
                           "eval.fewshot_episodes >= 1")
-    if space.algorithm not in SEARCH_ALGORITHMS:
+    if space.algorithm not in SEARCH_ALGORITHMS and not (space.is_pbt and space.algorithm == "pbt"):
         raise ld.fail("searcher.algorithm", space.algorithm, f"one of {', '.join(SEARCH_ALGORITHMS)}")
+    if space.is_pbt:
+        _validate_pbt(space, ld, max_t, max(warmups))
     if not isinstance(space.asha, bool):
         raise ld.fail("asha.enabled", space.asha, "true or false")
     if space.algorithm == "grid":

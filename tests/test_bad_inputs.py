@@ -230,6 +230,13 @@ CASES: list[Case] = [
          ("--space", "{ws}/space.yaml", *SEARCH), ("space.yaml", "'data.root'", "empty/train", "has no images"),
          lambda ws, run: (_images(ws, "empty", empty=True),
                           _space(ws, {"fixed/data.dataset": "folder", "fixed/data.root": str(ws / "empty")}))),
+    Case("search-pbt-mutates-architecture", "search", "PBT told to perturb a setting a running trial cannot "
+         "change (`model.width`)", ("--space", "{ws}/space.yaml", *SEARCH),
+         ("space.yaml", "'pbt.mutate'", "model.width", "between epochs"),
+         lambda ws, run: _space(ws, {"scheduler": "pbt", "asha": {}, "searcher": {"seed": 0},
+                                     "search": {"optim.lr": {"loguniform": [0.01, 0.1]},
+                                                "model.width": {"choice": [8, 16]}},
+                                     "pbt": {"population": 2, "interval": 2, "mutate": ["model.width"]}})),
     # ---- search command line
     Case("search-workers-negative", "search", "`--workers-per-trial -1`",
          ("--space", "{ws}/space.yaml", "--workers-per-trial", "-1", *SEARCH),
