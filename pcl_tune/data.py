@@ -4,6 +4,9 @@ Every dataset yields ``(index, image, label)`` with ``image`` a uint8 (3, S, S) 
 dataset's load size; augmentation runs afterwards on whole batches (:mod:`pcl_tune.augment`).
 ``label`` is -1 where a split has no labels.
 
+File datasets small enough (``data.cache_mb``) are decoded once, the first time a split is read,
+and kept in memory (:func:`cache_file_datasets`): no epoch or pass decodes a file twice.
+
 Splits: ``train`` (pretraining and the kNN bank), ``val`` (held-out, labelled: the search
 objective), ``test`` (never touched by the search), and for mini-ImageNet ``fewshot`` (the 16
 validation classes, for N-way K-shot episodes).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,22 +80,58 @@ class TensorImageDataset(Dataset):
 class FileImageDataset(Dataset):
     """Images read from files, resized (shorter side) and centre-cropped to ``load_size``.
 
+    With ``cache``, the first :func:`iterate_batches` over the dataset decodes every file once
+    (:meth:`decode_all`) and keeps the uint8 images; from then on batches are sliced from memory,
+    bit-identical to decoding the files again.
+
     Args:
         samples: list of (path, label).
         load_size: side of the square uint8 image returned.
+        cache: keep the decoded images once they have been decoded (see :func:`cache_file_datasets`).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], load_size: int) -> None:
+    def __init__(self, samples: list[tuple[str, int]], load_size: int, *, cache: bool = False) -> None:
         self.samples = samples
         self.load_size = load_size
         self.labels = torch.tensor([lab for _, lab in samples], dtype=torch.long)
+        self.cache = cache
+        self.decoded: Tensor | None = None
+        """(N, 3, load_size, load_size) uint8 once :meth:`decode_all` has run, else None."""
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers under spawn: a lock does not pickle
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def decoded_bytes(self) -> int:
+        """Memory the decoded images take: 3 x load_size^2 bytes each."""
+        return len(self) * 3 * self.load_size ** 2
+
+    def decode_all(self, num_workers: int = 0) -> Tensor:
+        """Decode every file once (in ``num_workers`` processes) and keep the images; returns them,
+        (N, 3, load_size, load_size) uint8, row i for sample i. An unreadable file raises
+        :class:`UnreadableImageError`, as reading it one by one does."""
+        with self._lock:  # trials sharing the process's dataset (direct executor threads) decode once
+            if self.decoded is None:
+                out = torch.empty((len(self), 3, self.load_size, self.load_size), dtype=torch.uint8)
+                for b, images, _ in _load_files(self, torch.arange(len(self)), 256, num_workers):
+                    out[b] = images
+                self.decoded = out
+            return self.decoded
+
     def __getitem__(self, i: int) -> tuple[int, Tensor, int]:
         from PIL import Image
 
+        if self.decoded is not None:
+            return i, self.decoded[i], int(self.labels[i])
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
@@ -110,7 +150,11 @@ class FileImageDataset(Dataset):
         return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label
 
     def subset(self, indices: Tensor | np.ndarray) -> FileImageDataset:
-        return FileImageDataset([self.samples[int(i)] for i in indices], self.load_size)
+        """The samples at ``indices`` (renumbered from 0); keeps ``cache``, and the decoded images if any."""
+        out = FileImageDataset([self.samples[int(i)] for i in indices], self.load_size, cache=self.cache)
+        if self.decoded is not None:
+            out.decoded = self.decoded[torch.as_tensor(indices, dtype=torch.long)]
+        return out
 
 
 ImageDataset = TensorImageDataset | FileImageDataset
@@ -144,15 +188,27 @@ def iterate_batches(
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield ``(index (b,), images uint8 (b, 3, S, S), labels (b,))`` over ``indices`` in order.
 
-    In-memory datasets are sliced directly (no per-sample Python work); file datasets go through
-    a DataLoader with ``num_workers`` decoding processes.
+    In-memory datasets are sliced directly (no per-sample Python work), and so are cached file
+    datasets once decoded (the first call decodes all of it: :meth:`FileImageDataset.decode_all`);
+    other file datasets go through a DataLoader with ``num_workers`` decoding processes.
     """
     idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    images: Tensor | None = None
     if isinstance(dataset, TensorImageDataset):
+        images = dataset.images
+    elif dataset.cache or dataset.decoded is not None:
+        images = dataset.decode_all(num_workers)
+    if images is not None:
         for start in range(0, idx.numel(), batch_size):
             b = idx[start:start + batch_size]
-            yield b, dataset.images[b], dataset.labels[b]
+            yield b, images[b], dataset.labels[b]
         return
+    yield from _load_files(dataset, idx, batch_size, num_workers)
+
+
+def _load_files(dataset: FileImageDataset, idx: Tensor, batch_size: int,
+                num_workers: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`iterate_batches` of a file dataset, decoding every file read (a DataLoader)."""
     loader = DataLoader(torch.utils.data.Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, persistent_workers=False)
     try:
@@ -440,6 +496,23 @@ def augment_setting(cfg: TrainConfig, name: str) -> float:
     return AUGMENT_DEFAULTS.get(cfg.data.dataset, {}).get(name, AUGMENT_DEFAULTS["moco_v2"][name])
 
 
+def cache_file_datasets(splits: DatasetSplits, limit_mb: float) -> bool:
+    """Mark every file split of ``splits`` to be kept decoded in memory (``FileImageDataset.cache``)
+    when all its splits together, decoded at load size, take at most ``limit_mb`` MB (``data.cache_mb``).
+
+    Nothing is decoded here: a split is decoded the first time it is read, so a split a run never
+    reads (the test split, during pretraining) costs no memory. Returns whether the cache is on.
+    """
+    parts = [s for s in (splits.train, splits.val, splits.test, splits.fewshot) if isinstance(s, FileImageDataset)]
+    on = bool(parts) and limit_mb > 0 and sum(s.decoded_bytes() for s in parts) <= limit_mb * 2**20
+    for s in parts:
+        s.cache = on
+    if parts:
+        log.info("%s: decoded images %s in memory (%.0f MB of data.cache_mb %s)", splits.name,
+                 "kept" if on else "not kept", sum(s.decoded_bytes() for s in parts) / 2**20, limit_mb)
+    return on
+
+
 _DATA_CACHE: dict[tuple[Any, ...], DatasetSplits] = {}
 
 
@@ -447,7 +520,7 @@ def load_datasets(cfg: TrainConfig) -> DatasetSplits:
     """Build (and cache per process) the dataset splits a config asks for."""
     dc = cfg.data
     key = (dc.dataset, dc.root, dc.image_size, dc.load_size, dc.val_fraction, tuple(dc.digits_copies), cfg.seed,
-           dc.download, dc.digits_clutter)
+           dc.download, dc.digits_clutter, dc.cache_mb)
     if key in _DATA_CACHE:
         splits = _DATA_CACHE[key]
     else:
@@ -467,6 +540,7 @@ def load_datasets(cfg: TrainConfig) -> DatasetSplits:
             splits = image_folder(dc.root or ".", image_size=dc.load_size or round(size * 8 / 7),
                                   val_fraction=dc.val_fraction, seed=cfg.seed)
             splits.image_size = size
+        cache_file_datasets(splits, dc.cache_mb)
         _DATA_CACHE[key] = splits
     if dc.subset is not None and dc.subset < len(splits.train):
         splits = DatasetSplits(splits.name, splits.train.subset(np.arange(dc.subset)), splits.val, splits.test,

@@ -7,11 +7,14 @@
 * :class:`MoCo`: query encoder, momentum key encoder, a queue of ``queue_size`` keys. The queue
   size is independent of the batch size and of the number of negative prototypes (the reference
   PCL code ties them and requires ``r % batch == 0``; we do not).
+* :class:`FeatureBank`: the key embeddings the training steps computed, one row per train image
+  (``clustering.features: bank``), clustered instead of a pass over the train set.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.nn as nn
@@ -21,6 +24,8 @@ from torch import Tensor
 BACKBONES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50")
 HEADS: tuple[str, ...] = ("linear", "mlp")
 KEY_BN: tuple[str, ...] = ("own", "ema", "query")
+
+log = logging.getLogger(__name__)
 
 
 class SmallCNN(nn.Module):
@@ -175,3 +180,62 @@ class MoCo(nn.Module):
         q = self.encoder_q(im_q)
         k = self.keys(im_k, bn_splits=bn_splits, generator=generator)
         return q, k
+
+
+class FeatureBank:
+    """A memory bank of the key (momentum) encoder's head embeddings, one row per train image.
+
+    Each training step writes the keys it computed for its images at their dataset indices (as
+    DeepCluster-v2 does), so after an epoch row ``i`` holds the key embedding of image ``i``'s
+    latest augmented key view (the one the queue also received), computed by the key encoder as
+    it was at that step, in training mode. Rows no step has written yet are flagged as not
+    ``filled``. Not a module: it is run state, checkpointed beside the model (whose weights it
+    does not belong to), never exported.
+
+    Args:
+        num_images: N, the train split's size.
+        dim: the embedding dimension (``model.low_dim``).
+        device: where the rows live (the training device: the steps write there).
+    """
+
+    def __init__(self, num_images: int, dim: int, device: torch.device | str = "cpu") -> None:
+        self.features = torch.zeros((num_images, dim), dtype=torch.float32, device=device)
+        """(N, D) L2-normalised key embeddings; zero where not filled."""
+        self.filled = torch.zeros(num_images, dtype=torch.bool, device=device)
+        """(N,) whether row i has been written."""
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @torch.no_grad()
+    def update(self, index: Tensor, keys: Tensor) -> None:
+        """Write ``keys`` (n, D) at rows ``index`` (n,) and mark them filled (indices distinct)."""
+        index = index.to(self.features.device)
+        self.features[index] = keys.detach().to(self.features.device, torch.float32)
+        self.filled[index] = True
+
+    def missing(self) -> Tensor:
+        """The rows not filled yet, ascending (a CPU long tensor)."""
+        return torch.nonzero(~self.filled).flatten().cpu()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The rows and their flags, on the CPU (plain tensors: loads with ``weights_only``)."""
+        return {"features": self.features.cpu().clone(), "filled": self.filled.cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> bool:
+        """Restore :meth:`state_dict`'s output; returns whether it did.
+
+        A bank of another shape (a checkpoint of a run on another train set, e.g. another
+        ``data.subset``, continued with this config) has no row for some images: it is not loaded,
+        a warning names both shapes, and the bank stays empty (the next clustering fills it with a
+        pass).
+        """
+        feats, filled = state["features"], state["filled"]
+        if tuple(feats.shape) != tuple(self.features.shape) or tuple(filled.shape) != tuple(self.filled.shape):
+            log.warning("feature bank of shape %s does not fit this run's %s (train images x model.low_dim): not "
+                        "loaded; the next clustering embeds the train set with one pass",
+                        tuple(feats.shape), tuple(self.features.shape))
+            return False
+        self.features.copy_(feats)
+        self.filled.copy_(filled)
+        return True

@@ -1,7 +1,9 @@
 """Embedding a whole dataset with the frozen encoders (eval view), gathered by sample index.
 
 One pass serves two consumers: the momentum encoder's head embeddings feed the next epoch's
-clustering, and the judged encoder's backbone features feed the kNN bank.
+clustering, and the judged encoder's backbone features feed the kNN bank. Under
+``clustering.features: bank`` the clustering reads the training steps' keys instead
+(:func:`bank_features`), and a pass embeds only the images no step has written yet.
 """
 
 from __future__ import annotations
@@ -53,3 +55,24 @@ def embed(run: RunState, dataset: ImageDataset, *, head: bool, backbone: bool) -
     h = dist_utils.gather_by_index(torch.cat(heads), idx, n) if head else None
     b = dist_utils.gather_by_index(torch.cat(feats), idx, n) if backbone else None
     return h, b
+
+
+@torch.no_grad()
+def bank_features(run: RunState) -> Tensor:
+    """The clustering input under ``clustering.features: bank``: a copy of ``run.bank``'s (N, D)
+    rows, row i for train image i, identical on every rank (METHOD.md §2).
+
+    Rows no training step has written (the bank of a run whose warm-up has not shown it every
+    image: ``pcl.warmup_epochs`` 0, or an image dropped with the last partial batch of every epoch
+    so far, or a bank missing from the checkpoint resumed) are first filled by the key encoder's
+    eval-view embeddings of just those images (:func:`embed` of that subset, as ``pass`` computes
+    them), and stay filled: a later step that trains on the image overwrites its row.
+    """
+    bank = run.bank
+    assert bank is not None, "clustering.features is not 'bank'"
+    missing = bank.missing()  # the same on every rank (equal banks): embed's collectives line up
+    if missing.numel():
+        heads, _ = embed(run, run.data.train.subset(missing), head=True, backbone=False)
+        assert heads is not None
+        bank.update(missing, heads)
+    return bank.features.clone()

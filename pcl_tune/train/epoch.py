@@ -29,6 +29,11 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
     steps, the queue and the ProtoNCE columns (drawn for the global batch) do not depend on how
     many ranks there are; only batch-norm statistics are per rank. The rank's random streams are
     seeded from (seed, rank, epoch) first (:meth:`RunState.seed_epoch`).
+
+    With a feature bank (``clustering.features: bank``) every step writes the keys it computed
+    into ``run.bank`` at its images' dataset indices: every rank writes the whole global batch (the
+    keys are gathered for the queue anyway; the indices are gathered with them), so the ranks'
+    banks stay equal without a gather before clustering.
     """
     cfg, model = run.cfg, run.model
     run.seed_epoch(epoch)
@@ -58,6 +63,7 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
             q = F.normalize(run.query_net(im_q).float(), dim=1)
             k = model.keys(im_k, bn_splits=cfg.model.bn_splits, generator=run.aug_gen).float()
         levels = []
+        step_index = None
         if clusters is not None:
             index = index.to(run.device)
             # ProtoNCE's columns belong to the global batch: every rank sees all its rows' clusters
@@ -83,7 +89,12 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
-        model.enqueue(dist_utils.all_gather_cat(k.detach()))
+        keys = dist_utils.all_gather_cat(k.detach())  # the global batch's keys, in rank order
+        model.enqueue(keys)
+        if run.bank is not None:  # every rank writes the global batch's rows: the banks stay equal
+            if run.world > 1:  # the global batch's indices, in rank order as the keys (gathered above with clusters)
+                index = step_index if step_index is not None else dist_utils.all_gather_cat(index.to(run.device))
+            run.bank.update(index, keys)
         for key, v in parts.items():
             sums[key] = sums.get(key, 0.0) + float(v)
         seen += images.shape[0]

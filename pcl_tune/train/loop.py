@@ -3,7 +3,9 @@
 Per epoch ``e`` (0-based):
 
 1. ``e >= pcl.warmup_epochs``: the prototype step (:func:`~.prototypes.on_epoch_start`) on the
-   momentum encoder's embeddings of the whole train set (:func:`~.embed.embed`).
+   momentum encoder's embeddings of the whole train set: from a pass (:func:`~.embed.embed`;
+   ``clustering.features: pass``) or the keys the training steps wrote into the run's feature bank
+   (:func:`~.embed.bank_features`; ``bank``).
 2. one training epoch (:func:`~.epoch.train_epoch`).
 3. every ``eval.every`` epochs and at the last: evaluation (:func:`~.evaluation.evaluate_epoch`).
 4. the epoch's record (every metric of :mod:`pcl_tune.metrics`, NaN where not measured) ->
@@ -25,7 +27,7 @@ from torch import Tensor
 from .. import distributed as dist_utils
 from .. import metrics as M
 from ..config import TrainConfig, config_from_dict
-from .embed import embed
+from .embed import bank_features, embed
 from .epoch import train_epoch
 from .evaluation import evaluate_epoch
 from .prototypes import EpochClusters, on_epoch_start
@@ -48,7 +50,9 @@ class Trainer:
 
         The train-set pass that builds the kNN bank at the end of an epoch also yields the key
         embeddings the next epoch clusters (the key encoder does not change in between), so an
-        evaluated epoch costs one pass over the train set, not two.
+        evaluated epoch costs one pass over the train set, not two. With a feature bank
+        (``clustering.features: bank``) the clustering reads the bank instead, so an epoch that is
+        not evaluated makes no pass at all, and the evaluation pass computes no head embeddings.
         """
         cfg, run = self.cfg, self.run
         t_start = time.perf_counter()
@@ -57,7 +61,9 @@ class Trainer:
         t = time.perf_counter()
         clusters: EpochClusters | None = None
         heads, self._next_heads = self._next_heads, None
-        if clustering_on and heads is None:
+        if clustering_on and run.bank is not None:
+            heads = bank_features(run)
+        elif clustering_on and heads is None:
             heads, _ = embed(run, run.data.train, head=True, backbone=False)
         t_feat = time.perf_counter() - t
         t = time.perf_counter()
@@ -71,7 +77,7 @@ class Trainer:
         t_eval = 0.0
         if evaluate_now:
             t = time.perf_counter()
-            need_heads = cfg.pcl.warmup_epochs <= epoch + 1 < cfg.epochs
+            need_heads = run.bank is None and cfg.pcl.warmup_epochs <= epoch + 1 < cfg.epochs
             self._next_heads, train_bank = embed(run, run.data.train, head=need_heads, backbone=True)
             # The pass serves the kNN bank and, after warm-up, the next epoch's clustering: count it
             # as feature extraction whenever clustering will use it, as evaluation otherwise.

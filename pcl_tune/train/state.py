@@ -32,7 +32,7 @@ from ..clustering import ClusterSchedule
 from ..config import ConfigError, OptimConfig, TrainConfig
 from ..data import DatasetSplits, augment_setting, load_datasets
 from ..losses import PrototypeLossConfig
-from ..model import MoCo
+from ..model import FeatureBank, MoCo
 
 log = logging.getLogger("pcl_tune.train")
 
@@ -115,6 +115,9 @@ class RunState:
     amp: bool
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
+    bank: FeatureBank | None = None
+    """``clustering.features: bank``: the training steps' key embeddings of the train set, equal on
+    every rank (each step writes its global batch); checkpointed, since the next clustering reads it."""
 
     @classmethod
     def build(cls, cfg: TrainConfig) -> RunState:
@@ -153,6 +156,7 @@ class RunState:
             aug_gen=torch.Generator(), neg_gen=torch.Generator(),
             proto_cfg=PrototypeLossConfig.from_config(cfg.pcl, batch_size=o.batch_size),
             amp=cfg.amp and device.type == "cuda",
+            bank=FeatureBank(len(data.train), m.low_dim, device) if cfg.clustering.features == "bank" else None,
         )
 
     def seed_epoch(self, epoch: int) -> None:
@@ -179,6 +183,7 @@ class RunState:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "history": self.history,
+            **({"feature_bank": self.bank.state_dict()} if self.bank is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -195,6 +200,29 @@ class RunState:
         # Checkpoints written before the streams were derived per epoch also hold RNG states
         # ("aug_gen", "torch_rng", ...): ignored, seed_epoch re-seeds every stream.
         self.history = list(state.get("history", []))
+        if self.bank is not None and "feature_bank" in state:
+            # Without one (a run started with clustering.features: pass) the bank starts empty and the
+            # next clustering embeds the images with one pass (FeatureBank rows not filled).
+            self.bank.load_state_dict(state["feature_bank"])
+        self.apply_optim_settings()
+
+    def apply_optim_settings(self) -> None:
+        """Make the optimiser follow this run's config: lr (through the schedule), momentum, weight decay.
+
+        A loaded optimiser state carries the settings it was saved with. They differ from the
+        config when a run continues from another run's checkpoint with other settings (Population
+        Based Training clones a trial and perturbs its lr); the config wins. With the same settings
+        this changes nothing: the lr is the schedule's own ``base_lr * factor(epoch)``.
+        """
+        o = self.cfg.optim
+        factor = lr_factor(o, self.cfg.epochs)(self.lr_scheduler.last_epoch)
+        self.lr_scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = o.lr
+            g["lr"] = o.lr * factor
+            g["momentum"] = o.momentum
+            g["weight_decay"] = o.weight_decay
+        self.lr_scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
 
     def save_checkpoint(self, out_dir: Path | None, epoch: int, *, best: bool = False) -> Path | None:
         """Write ``<out>/checkpoint/checkpoint.pt`` (and its metrics) atomically on rank 0; with
