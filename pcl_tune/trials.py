@@ -7,19 +7,58 @@ Both executors run the same loop (:func:`pcl_tune.train.train_loop`):
 * ``train``: the trial builds and fits a ``TorchTrainer`` with N DDP workers (gloo on CPU, NCCL on
   GPU); metrics reach Tune per epoch through ``TuneReportCallback`` (Ray Train V2).
 
+Both hand the run's checkpoint to Ray with every ``checkpoint_every``-th epoch's report and the
+last one (:func:`tune_reporter`). What the ``train`` executor costs per epoch, and why it sets
+Ray Train's controller poll interval (:data:`TRAIN_POLL_INTERVAL_S`) and quiets Ray Train's
+per-report log lines (:func:`quiet_train_reports`), is measured in ``benchmarks/README.md``
+(search overhead).
+
 Ray is imported inside the functions: they run in Ray's processes, and this module stays
 importable without starting anything.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHECKPOINT_FILE
+
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train V2's controller poll interval (seconds; Ray's default 2.0). The controller takes at
+most one report per worker per poll and a worker's report queue holds one: a run whose epochs
+are shorter than the interval waits for the poll at every epoch."""
+
+TRAIN_POLL_INTERVAL_S = 0.5
+"""The poll interval a ``train`` trial's Train run gets unless :data:`TRAIN_POLL_ENV` is set. With
+Ray's 2 s every epoch shorter than 2 s waited for the poll (a 1.2 s epoch took 2 s). Polling costs
+CPU: over 30 s, the controller and one worker used 0.15 s more CPU at 0.5 s than at 2 s, and
+0.72 s more at 0.1 s (measured on 2 cores); 0.5 s makes epochs from 0.5 s up wait for nothing."""
+
+TRAIN_LOG_ENV = "PCL_TUNE_TRAIN_LOG"
+"""``verbose`` (or ``1``): show Ray Train's per-report INFO lines (every worker's metrics dict at
+every epoch) on the console. By default they are DEBUG records (:func:`quiet_train_reports`)."""
+
+TRAIN_REPORT_MODULES = (
+    "ray.train.v2._internal.execution.context",  # "Reporting training result N: TrainingReport(...)"
+    "ray.train.v2._internal.execution.storage",  # "Checkpoint successfully created at: ..."
+)
+"""The Ray Train (V2) modules whose ``logger`` writes an INFO line at every report on each worker.
+Their loggers are taken from the modules, not by name: Ray 2.60's ``context`` module names its
+logger after its file path (``logging.getLogger(__file__)``), outside ``ray.train``, so Ray Train's
+own ``LoggingConfig(log_level=...)`` does not reach it (it propagates to the worker's root logger,
+whose console handler prints INFO)."""
+
+TIMING_LOG_ENV = "PCL_TUNE_TIMING_LOG"
+"""A file path: trials append timestamped events to it, one JSON object a line (the search-overhead
+benchmark's breakdown). Unset, nothing is written."""
 
 
 def _stage_checkpoint(checkpoint: Any, staging: Path) -> Path | None:
@@ -45,9 +84,33 @@ def threads_for(cpus: float) -> int:
     return max(1, int(cpus))
 
 
+def timing_event(event: str, **fields: Any) -> None:
+    """Append ``{"t": wall time, "event": event, "pid": ..., **fields}`` to the file named by
+    :data:`TIMING_LOG_ENV` (nothing without it). Lines from several processes interleave whole."""
+    path = os.environ.get(TIMING_LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({"t": time.time(), "event": event, "pid": os.getpid(), **fields}, default=str) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+
+
+def hands_checkpoint(epoch: int, checkpoint_every: int, epochs: int | None) -> bool:
+    """Whether epoch ``epoch`` (0-based) hands its checkpoint to Ray: every ``checkpoint_every``-th
+    epoch (1-based count) and the last of ``epochs``."""
+    done = epoch + 1
+    return done % checkpoint_every == 0 or (epochs is not None and done >= epochs)
+
+
 def tune_reporter(report: Callable[..., None], make_checkpoint: Callable[[str], Any],
-                  restored: Path | None) -> Callable[[int, dict[str, Any], Path | None], None]:
+                  restored: Path | None, *, checkpoint_every: int = 1,
+                  epochs: int | None = None) -> Callable[[int, dict[str, Any], Path | None], None]:
     """The loop's per-epoch callback for a Tune trial or a Train worker, with Tune's quirks handled.
+
+    * A checkpoint goes with the report of every ``checkpoint_every``-th epoch and of the last
+      (``epochs``, the run's length), as :func:`hands_checkpoint` says; other epochs report
+      metrics only. The loop still writes its local checkpoint every epoch: only what Ray copies
+      to storage changes. A trial restored later goes on from the last checkpoint handed over.
 
     * Keys in one fixed order (:func:`pcl_tune.metrics.ordered`): Tune's CSV logger, resuming a
       trial, appends to the old ``progress.csv`` under its header but maps columns by the first
@@ -63,8 +126,11 @@ def tune_reporter(report: Callable[..., None], make_checkpoint: Callable[[str], 
     node = _node_id()
 
     def callback(epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        checkpoint = make_checkpoint(str(ckpt_dir)) if ckpt_dir is not None else None
+        handed = ckpt_dir is not None and hands_checkpoint(epoch, checkpoint_every, epochs)
+        checkpoint = make_checkpoint(str(ckpt_dir)) if handed else None
+        timing_event("epoch_end", epoch=epoch + 1, time_epoch=metrics.get("time_epoch"), checkpoint=handed)
         report({**_clean(ordered(metrics)), "node_id": node}, checkpoint=checkpoint)
+        timing_event("reported", epoch=epoch + 1, checkpoint=handed)
 
     if restored is not None:
         history = checkpoint_history(restored)
@@ -78,15 +144,18 @@ def direct_trial(params: dict[str, Any], *, fixed: dict[str, Any], threads: int)
     import torch
     from ray import tune
 
-    from .config import merge
+    from .config import config_from_dict, merge
     from .train import train_loop
 
+    timing_event("trial_start", executor="direct")
     torch.set_num_threads(threads)
-    cfg = merge(merge(fixed, settings_of(params)), {"threads": threads, "progress": False})
+    cfg = config_from_dict(merge(merge(fixed, settings_of(params)), {"threads": threads, "progress": False}))
     with tempfile.TemporaryDirectory(prefix="pcl_tune_trial_") as tmp:
         work = Path(tmp)
         resume = _stage_checkpoint(tune.get_checkpoint(), work / "restore")
-        report = tune_reporter(tune.report, tune.Checkpoint.from_directory, resume)
+        report = tune_reporter(tune.report, tune.Checkpoint.from_directory, resume,
+                               checkpoint_every=cfg.checkpoint_every, epochs=cfg.epochs)
+        timing_event("loop_start")
         train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
 
 
@@ -95,14 +164,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from .config import config_from_dict
     from .train import train_loop
 
+    timing_event("worker_start", rank=ray.train.get_context().get_world_rank())
+    quiet_train_reports()
     torch.set_num_threads(int(loop_config["threads"]))
+    cfg = config_from_dict(loop_config["config"])
     with tempfile.TemporaryDirectory(prefix="pcl_tune_worker_") as tmp:
         work = Path(tmp)
         resume = _stage_checkpoint(ray.train.get_checkpoint(), work / "restore")
-        report = tune_reporter(ray.train.report, ray.train.Checkpoint.from_directory, resume)
-        train_loop(loop_config["config"], out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
+        report = tune_reporter(ray.train.report, ray.train.Checkpoint.from_directory, resume,
+                               checkpoint_every=cfg.checkpoint_every, epochs=cfg.epochs)
+        timing_event("loop_start")
+        train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
 
 
 def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, cpus_per_worker: float,
@@ -110,7 +185,9 @@ def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, 
     """Tune function trainable that fits a ``TorchTrainer`` with ``workers`` DDP workers.
 
     The Train run is named after the Tune trial, so a restored trial's Train run resumes from
-    its own latest checkpoint (Ray Train V2 reloads it from storage).
+    its own latest checkpoint (Ray Train V2 reloads it from storage). Its controller polls the
+    workers every :data:`TRAIN_POLL_INTERVAL_S` seconds unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
+    is set (Ray's 2 s default made every epoch shorter than 2 s last 2 s).
     """
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -119,6 +196,10 @@ def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, 
 
     from .config import merge
 
+    timing_event("trial_start", executor="train")
+    # Read by the TorchTrainer here and passed on to its controller and workers (Ray Train V2
+    # propagates its own environment variables when they are set in this process).
+    os.environ.setdefault(TRAIN_POLL_ENV, str(TRAIN_POLL_INTERVAL_S))
     use_gpu = gpus_per_worker > 0
     threads = threads_for(cpus_per_worker)
     cfg = merge(merge(fixed, settings_of(params)), {"threads": threads, "progress": False})
@@ -138,7 +219,67 @@ def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, 
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
+    timing_event("fit_start")
     trainer.fit()
+    timing_event("fit_end")
+
+
+def train_reports_verbose() -> bool:
+    """Whether :data:`TRAIN_LOG_ENV` asks for Ray Train's per-report INFO lines on the console."""
+    return os.environ.get(TRAIN_LOG_ENV, "").strip().lower() in ("1", "true", "yes", "verbose", "info")
+
+
+class _InfoToDebug(logging.Filter):
+    """A logger filter that makes the logger's own INFO records DEBUG records: passed on as DEBUG
+    where the logger is enabled for DEBUG (Ray Train's ``ray.train`` loggers: their system log
+    files take them, their console handler does not), dropped where it is not, as a
+    ``logger.debug`` call would be."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_INFO_TO_DEBUG = _InfoToDebug()
+
+
+def quiet_train_reports(verbose: bool | None = None) -> bool:
+    """In this process, make the INFO lines that Ray Train writes at every report (each worker's
+    whole metrics dict, every epoch: :func:`train_report_loggers`) DEBUG records, so the console
+    keeps Tune's trial table and the search's own lines. Where Ray Train logs DEBUG, its system log
+    files (``<ray session>/logs/train/ray-train-sys-worker-*.log``) still get them.
+
+    Args:
+        verbose: keep them INFO (undo an earlier call); default :func:`train_reports_verbose`
+            (``PCL_TUNE_TRAIN_LOG=verbose``).
+
+    Returns:
+        Whether the lines are now DEBUG. Called by each Train worker (:func:`train_worker`).
+    """
+    if verbose is None:
+        verbose = train_reports_verbose()
+    for logger in train_report_loggers():
+        logger.removeFilter(_INFO_TO_DEBUG)
+        if not verbose:
+            logger.addFilter(_INFO_TO_DEBUG)
+    return not verbose
+
+
+def train_report_loggers() -> list[logging.Logger]:
+    """The loggers of :data:`TRAIN_REPORT_MODULES` (each module's ``logger``; by the module's name
+    where it has none). Imports the modules; starts nothing."""
+    import importlib
+
+    out = []
+    for name in TRAIN_REPORT_MODULES:
+        try:
+            logger = getattr(importlib.import_module(name), "logger", None)
+        except ImportError:  # another Ray version: nothing to quiet there
+            continue
+        out.append(logger if isinstance(logger, logging.Logger) else logging.getLogger(name))
+    return out
 
 
 def _node_id() -> str:
