@@ -210,8 +210,14 @@ def param_effects(exp: Experiment, params: Sequence[str], path: Path) -> Path | 
 
 def _log_x(ax: Axes) -> None:
     """Log-scale x axis with a few plain tick labels (1-2-5 steps, finer for a narrow range)."""
-    ax.set_xscale("log")
-    lo, hi = ax.get_xlim()
+    _log_axis(ax, "x")
+
+
+def _log_axis(ax: Axes, which: str) -> None:
+    """Log scale on axis ``which`` (``x`` or ``y``) with a few plain tick labels."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
     ticks: list[float] = []
     for mantissas in ((1.0, 2.0, 5.0), (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)):
         ticks = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
@@ -220,9 +226,9 @@ def _log_x(ax: Axes) -> None:
             break
     if len(ticks) < 2:
         ticks = [float(f"{v:.2g}") for v in np.geomspace(lo, hi, 4)[1:-1]]
-    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    axis.set_major_locator(ticker.FixedLocator(ticks))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _short(label: str, n: int = 22) -> str:
@@ -368,6 +374,4 @@ def pbt_schedules(exp: Experiment, path: Path) -> Path | None:
 
 def _log_y(ax: Axes) -> None:
     """A log y axis with plain tick labels (settings span decades)."""
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    _log_axis(ax, "y")

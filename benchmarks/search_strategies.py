@@ -146,8 +146,11 @@ def main() -> None:
     demo = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
     metric, max_t = demo["objective"]["metric"], int(demo["fixed"]["epochs"])
     rows = {key: rows_of(keep / f"{key[0]}_{key[1]}") for key in walls}
-    targets = {seed: float(pd.to_numeric(rows[("tpe", seed)].query("epoch == @max_t")[metric]).max())
-               for seed in args.seeds if ("tpe", seed) in rows}
+    targets = {}
+    for seed in args.seeds:
+        if ("tpe", seed) in rows:
+            tpe = rows[("tpe", seed)]
+            targets[seed] = float(pd.to_numeric(tpe.loc[tpe["epoch"] == max_t, metric]).max())
     budget = min(len(r) for r in rows.values())
     table = pd.DataFrame([{"arm": arm, "seed": seed, "wall_s": walls[(arm, seed)], "target": targets.get(seed),
                            **measures(rows[(arm, seed)], metric, max_t, targets.get(seed, math.nan), budget)}
