@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,3 +95,42 @@ def subprocess_env() -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                GLOO_SOCKET_IFNAME="lo")
     return env
+
+
+def run_ranks(script: str, world: int, tmp: Path, *mode: str, timeout: float = 300) -> list[Any]:
+    """Run ``script`` as gloo ranks 0..world-1, each as ``script RANK WORLD INIT_FILE OUT_FILE *mode``
+    (one thread each, on the loopback interface); wait for all and return what each rank saved to
+    its ``OUT_FILE`` (``torch.save``). A rank that fails fails the test with its log."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, script, str(r), str(world), str(tmp / "init"), str(tmp / f"rank{r}.pt"),
+                               *mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def straight_and_resumed(cfg: dict[str, Any], root: Path) -> dict[str, Any]:
+    """On every rank of a gloo process group: ``cfg`` run straight through, and run again stopped
+    after one epoch and resumed from rank 0's checkpoint; the two histories (``straight``,
+    ``resumed``)."""
+    import torch.distributed as dist
+
+    from pcl_tune.checkpoint import CHECKPOINT_DIR
+    from pcl_tune.train import train_loop
+
+    straight = train_loop(cfg, out_dir=root / "straight", verbose=False)
+    train_loop(cfg, out_dir=root / "resumed", verbose=False, max_epochs=1)
+    dist.barrier()  # rank 0 has written the checkpoint every rank resumes from
+    resumed = train_loop(cfg, out_dir=root / "resumed", verbose=False, resume_from=root / "resumed" / CHECKPOINT_DIR)
+    return {"straight": straight, "resumed": resumed}

@@ -8,8 +8,6 @@ process computes.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_settings
+from conftest import run_ranks, straight_and_resumed, tiny_settings
 
 from pcl_tune import distributed as D
 
@@ -135,25 +133,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 def _run_ranks(tmp: Path, *mode: str, timeout: float = 300) -> list[dict[str, Any]]:
     """Run this file as ranks 0..WORLD-1 (``mode`` picks the worker); returns what each rank saved."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp / "init"), str(tmp / f"rank{r}.pt"),
-                          *mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(__file__, WORLD, tmp, *mode, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -339,18 +319,7 @@ def _resume_worker(rank: int, world: int, init_file: str, out_file: str) -> None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
-        from pcl_tune.checkpoint import CHECKPOINT_DIR
-        from pcl_tune.train import train_loop
-
-        cfg = {**_embed_config(), "epochs": 3}
-        root = Path(out_file).parent
-        res: dict[str, Any] = {}
-        res["straight"] = train_loop(cfg, out_dir=root / "straight", verbose=False)
-        train_loop(cfg, out_dir=root / "resumed", verbose=False, max_epochs=1)
-        dist.barrier()  # rank 0 has written the checkpoint every rank resumes from
-        res["resumed"] = train_loop(cfg, out_dir=root / "resumed", verbose=False,
-                                    resume_from=root / "resumed" / CHECKPOINT_DIR)
-        torch.save(res, out_file)
+        torch.save(straight_and_resumed({**_embed_config(), "epochs": 3}, Path(out_file).parent), out_file)
     finally:
         dist.destroy_process_group()
 

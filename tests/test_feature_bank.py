@@ -13,8 +13,6 @@ import copy
 import importlib
 import logging
 import math
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_settings
+from conftest import run_ranks, straight_and_resumed, tiny_settings
 
 from pcl_tune.config import ConfigError, config_from_dict
 from pcl_tune.data import FileImageDataset, cache_file_datasets, iterate_batches, load_datasets
@@ -281,35 +279,15 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         res["steps1"] = [{"index": s["index"], "keys": s["keys"]} for s in steps]
         res["bank1"], res["filled1"] = run.bank.features.clone(), run.bank.filled.clone()
         # Exact resume on two ranks: stopped after the warm-up (a bank with gaps) and resumed from rank 0's checkpoint.
-        cfg, root = {**_ddp_settings(), "epochs": 3}, Path(out_file).parent
-        res["straight"] = train_loop(cfg, out_dir=root / "straight", verbose=False)
-        train_loop(cfg, out_dir=root / "resumed", verbose=False, max_epochs=1)
-        dist.barrier()  # rank 0 has written the checkpoint every rank resumes from
-        res["resumed"] = train_loop(cfg, out_dir=root / "resumed", verbose=False,
-                                    resume_from=root / "resumed" / CHECKPOINT_DIR)
+        res.update(straight_and_resumed({**_ddp_settings(), "epochs": 3}, Path(out_file).parent))
         torch.save(res, out_file)
     finally:
         dist.destroy_process_group()
 
 
 def _run_ranks(tmp: Path, timeout: float = 300) -> list[dict[str, Any]]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp / "init"), str(tmp / f"rank{r}.pt")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    """Run this file as ranks 0..WORLD-1; returns what each rank saved."""
+    return run_ranks(__file__, WORLD, tmp, timeout=timeout)
 
 
 def _one_process_bank(ranks: list[dict[str, Any]], epoch: int, start: FeatureBank) -> FeatureBank:
