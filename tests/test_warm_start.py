@@ -141,7 +141,7 @@ def test_warm_start_refuses_a_grid(tmp_path: Path, capsys: pytest.CaptureFixture
         load_warm_start([tmp_path], space)
     assert search_main(["--space", str(path), "--storage-path", str(tmp_path / "runs"), "--dry-run",
                         "--warm-start", str(exp)]) == 2
-    assert "is a grid or an ablation; only a TPE search is warm-started" in capsys.readouterr().err
+    assert "is a grid, an ablation or a PBT search; only a TPE search is warm-started" in capsys.readouterr().err
 
 
 def test_the_tuner_starts_from_the_seeded_study(tmp_path: Path) -> None:
