@@ -1,26 +1,28 @@
 """Population Based Training searches: who cloned whom, and the schedule each trial learned.
 
-Everything here is rebuilt from the lineage log the search writes (:mod:`pcl_tune.pbt`), so it is
-exact: a trial's final model was trained through a chain of segments (trial, epochs, settings), and
+A trial's final model was trained through a chain of segments (trial, epochs, settings).
 :func:`schedule` lists the settings in effect at each of its epochs, with the cluster counts the
-loop used (the schedule's counts at that epoch). :func:`lineage_metrics` reads the same model's
-per-epoch records from its final checkpoint (``metrics.json``), which travels with the weights
-when a trial is cloned, so it holds the metrics of the lineage, not of the trial's own abandoned
-epochs.
+loop used (the schedule's counts at that epoch). It reads them from the final checkpoint's
+``lineage.json`` (:data:`pcl_tune.checkpoint.CHECKPOINT_LINEAGE`), which travels with the weights
+when a trial is cloned and so is exact even for a search killed and resumed: Tune resumes from its
+last saved state, which can predate clones the killed driver had already logged. Without it (a
+checkpoint that is gone) the chain is rebuilt from the search's lineage log (:mod:`pcl_tune.pbt`).
+:func:`lineage_metrics` reads the same model's per-epoch records (``metrics.json``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pcl_tune.checkpoint import CHECKPOINT_METRICS
+from pcl_tune.checkpoint import CHECKPOINT_METRICS, checkpoint_lineage
 from pcl_tune.clustering import ClusterSchedule
-from pcl_tune.pbt import lineage, read_lineage_log, settings_by_epoch
+from pcl_tune.pbt import Segment, lineage, read_lineage_log, settings_by_epoch
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -41,7 +43,10 @@ def mutated(exp: Experiment) -> list[str]:
 def clones(exp: Experiment) -> pd.DataFrame:
     """One row per clone, in time order: ``trial_id`` (the clone), ``donor``, ``donor_epoch`` (the
     checkpoint it continued from), ``trial_epoch`` (where the clone was when it was replaced), the
-    seconds since the search's first event, and the new value of each mutated setting."""
+    seconds since the search's first event, and the new value of each mutated setting.
+
+    This is the log as the search wrote it: after a kill and ``--resume`` it can list clones the
+    resume undid (made after Tune's last saved state). :func:`schedule` is exact either way."""
     events = read_lineage_log(exp.path)
     t0 = float(events[0]["time"]) if events else 0.0
     keys = mutated(exp)
@@ -66,13 +71,12 @@ def schedule(exp: Experiment, trial_id: str) -> pd.DataFrame:
     itself, or an ancestor it was cloned from), each mutated setting, and ``clusters`` (the
     counts per level the loop clustered at, comma-separated; empty in the warm-up).
     """
-    events = read_lineage_log(exp.path)
-    last = last_epochs(exp).get(trial_id)
-    if not events or last is None:
+    segs = model_segments(exp, trial_id)
+    if not segs:
         return pd.DataFrame(columns=["epoch", "trained_in", *mutated(exp), "clusters"])
     keys = mutated(exp)
     extra = [SCHEDULE_KEY] if SCHEDULE_KEY not in keys else []
-    rows = settings_by_epoch(lineage(events, trial_id, last), keys + extra)
+    rows = settings_by_epoch(segs, keys + extra)
     base = exp.space.base_config()
     for r in rows:
         spec = r.get(SCHEDULE_KEY) or base.pcl.cluster_schedule
@@ -101,13 +105,43 @@ def schedules(exp: Experiment) -> pd.DataFrame:
 def segments(exp: Experiment, trial_id: str) -> pd.DataFrame:
     """The lineage of ``trial_id``'s final model as segments: ``trained_in``, ``first_epoch``,
     ``last_epoch`` and the mutated settings of each segment (the oldest first)."""
-    events = read_lineage_log(exp.path)
-    last = last_epochs(exp).get(trial_id)
     keys = mutated(exp)
-    if not events or last is None:
+    segs = model_segments(exp, trial_id)
+    if not segs:
         return pd.DataFrame(columns=["trained_in", "first_epoch", "last_epoch", *keys])
     return pd.DataFrame([{"trained_in": s.trial, "first_epoch": s.first, "last_epoch": s.last,
-                          **{k: s.config.get(k) for k in keys}} for s in lineage(events, trial_id, last)])
+                          **{k: s.config.get(k) for k in keys}} for s in segs])
+
+
+def model_segments(exp: Experiment, trial_id: str) -> list[Segment]:
+    """The segments of ``trial_id``'s final model, oldest first: from its final checkpoint's
+    ``lineage.json`` when that covers every epoch, else from the lineage log ([] without either)."""
+    last = last_epochs(exp).get(trial_id)
+    if last is None:
+        return []
+    carried = checkpoint_segments(exp, trial_id)
+    if carried and carried[-1].last == last and sum(s.last - s.first + 1 for s in carried) == last:
+        return carried
+    events = read_lineage_log(exp.path)
+    return lineage(events, trial_id, last) if events else []
+
+
+def checkpoint_segments(exp: Experiment, trial_id: str) -> list[Segment]:
+    """``lineage.json`` of ``trial_id``'s final checkpoint as segments (consecutive epochs trained
+    in one trial with the same settings); [] when the checkpoint or the file is missing, or the
+    entries do not run 1, 2, 3, ... without a gap."""
+    ckpt = getattr(exp._raw.get(trial_id), "checkpoint", None)
+    entries = checkpoint_lineage(ckpt) if ckpt else []
+    if [e["epoch"] for e in entries] != list(range(1, len(entries) + 1)):
+        return []
+    segs: list[Segment] = []
+    for e in entries:
+        settings = dict(e.get("settings") or {})
+        if segs and segs[-1].trial == e["trial"] and segs[-1].config == settings:
+            segs[-1] = replace(segs[-1], last=e["epoch"])
+        else:
+            segs.append(Segment(str(e["trial"]), e["epoch"], e["epoch"], settings))
+    return segs
 
 
 def lineage_metrics(exp: Experiment, trial_id: str) -> pd.DataFrame:

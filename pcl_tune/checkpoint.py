@@ -6,7 +6,11 @@
   history, config): what resuming reads;
 * ``best.pt``: the weights of the epoch with the best ``eval.best_metric`` so far (``epoch``,
   ``config``, ``model``, ``metric``, ``value``): what downstream evaluation and export read;
-* ``metrics.json``: the per-epoch records up to the checkpoint's epoch, readable without the weights.
+* ``metrics.json``: the per-epoch records up to the checkpoint's epoch, readable without the weights;
+* ``lineage.json`` (checkpoints a search trial hands to Ray): one entry per epoch, ``epoch``,
+  ``trial`` (the trial whose process trained it) and ``settings`` (that trial's searched settings
+  then). It travels with the weights when Population Based Training clones a trial, so it says
+  exactly what the model went through, however often the search was killed and resumed.
 
 Every file is a dict with at least ``config`` (the run config as nested dicts) and ``model``
 (the state dict of :class:`pcl_tune.model.MoCo`).
@@ -28,6 +32,7 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 CHECKPOINT_METRICS = "metrics.json"
+CHECKPOINT_LINEAGE = "lineage.json"
 
 
 _np_core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
@@ -98,3 +103,25 @@ def checkpoint_history(ckpt_dir: str | os.PathLike[str]) -> list[dict[str, Any]]
     if not p.is_file():
         return []
     return list(json.loads(p.read_text()))
+
+
+def checkpoint_lineage(ckpt_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The per-epoch lineage saved with a checkpoint folder (``[]`` when it has none or it is
+    unreadable): ``{"epoch", "trial", "settings"}`` per epoch, in epoch order."""
+    p = Path(ckpt_dir) / CHECKPOINT_LINEAGE
+    try:
+        entries = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(entries, list):
+        return []
+    ok = [e for e in entries if isinstance(e, dict) and isinstance(e.get("epoch"), int) and "trial" in e]
+    return sorted(ok, key=lambda e: e["epoch"])
+
+
+def write_checkpoint_lineage(ckpt_dir: str | os.PathLike[str], entries: list[dict[str, Any]]) -> None:
+    """Write ``lineage.json`` into a checkpoint folder (a temporary file renamed over it)."""
+    p = Path(ckpt_dir) / CHECKPOINT_LINEAGE
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(entries, default=str))
+    os.replace(tmp, p)

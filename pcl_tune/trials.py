@@ -103,8 +103,9 @@ def hands_checkpoint(epoch: int, checkpoint_every: int, epochs: int | None) -> b
 
 
 def tune_reporter(report: Callable[..., None], make_checkpoint: Callable[[str], Any],
-                  restored: Path | None, *, checkpoint_every: int = 1,
-                  epochs: int | None = None) -> Callable[[int, dict[str, Any], Path | None], None]:
+                  restored: Path | None, *, checkpoint_every: int = 1, epochs: int | None = None,
+                  trial: tuple[str, dict[str, Any]] | None = None,
+                  ) -> Callable[[int, dict[str, Any], Path | None], None]:
     """The loop's per-epoch callback for a Tune trial or a Train worker, with Tune's quirks handled.
 
     * A checkpoint goes with the report of every ``checkpoint_every``-th epoch and of the last
@@ -119,23 +120,33 @@ def tune_reporter(report: Callable[..., None], make_checkpoint: Callable[[str], 
       log loses that epoch's row, and Tune then restores the trial from that very epoch's
       checkpoint. The restored epoch's record (saved beside the checkpoint) is reported again,
       without a checkpoint, before training goes on; readers keep the last row of each epoch.
+    * With ``trial`` (the trial id and its searched settings), every checkpoint handed over
+      carries ``lineage.json`` (:data:`pcl_tune.checkpoint.CHECKPOINT_LINEAGE`): the restored
+      checkpoint's entries up to its epoch, then one entry per epoch trained here.
     """
+    from .checkpoint import checkpoint_lineage, write_checkpoint_lineage
     from .metrics import ordered
     from .train import checkpoint_history
 
     node = _node_id()
+    history = checkpoint_history(restored) if restored is not None else []
+    restored_epoch = int(history[-1]["epoch"]) if history else 0
+    carried = [e for e in checkpoint_lineage(restored) if e["epoch"] <= restored_epoch] if restored else []
+    lineage = {e["epoch"]: e for e in carried}
 
     def callback(epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         handed = ckpt_dir is not None and hands_checkpoint(epoch, checkpoint_every, epochs)
+        if trial is not None and epoch + 1 > restored_epoch:
+            lineage[epoch + 1] = {"epoch": epoch + 1, "trial": trial[0], "settings": trial[1]}
+        if handed and trial is not None and ckpt_dir is not None:
+            write_checkpoint_lineage(ckpt_dir, [lineage[k] for k in sorted(lineage) if k <= epoch + 1])
         checkpoint = make_checkpoint(str(ckpt_dir)) if handed else None
         timing_event("epoch_end", epoch=epoch + 1, time_epoch=metrics.get("time_epoch"), checkpoint=handed)
         report({**_clean(ordered(metrics)), "node_id": node}, checkpoint=checkpoint)
         timing_event("reported", epoch=epoch + 1, checkpoint=handed)
 
-    if restored is not None:
-        history = checkpoint_history(restored)
-        if history:
-            callback(int(history[-1]["epoch"]) - 1, history[-1], None)
+    if history:
+        callback(restored_epoch - 1, history[-1], None)
     return callback
 
 
@@ -154,7 +165,8 @@ def direct_trial(params: dict[str, Any], *, fixed: dict[str, Any], threads: int)
         work = Path(tmp)
         resume = _stage_checkpoint(tune.get_checkpoint(), work / "restore")
         report = tune_reporter(tune.report, tune.Checkpoint.from_directory, resume,
-                               checkpoint_every=cfg.checkpoint_every, epochs=cfg.epochs)
+                               checkpoint_every=cfg.checkpoint_every, epochs=cfg.epochs,
+                               trial=(tune.get_context().get_trial_id(), settings_of(params)))
         timing_event("loop_start")
         train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
 
@@ -174,8 +186,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="pcl_tune_worker_") as tmp:
         work = Path(tmp)
         resume = _stage_checkpoint(ray.train.get_checkpoint(), work / "restore")
+        trial = loop_config.get("trial")
         report = tune_reporter(ray.train.report, ray.train.Checkpoint.from_directory, resume,
-                               checkpoint_every=cfg.checkpoint_every, epochs=cfg.epochs)
+                               checkpoint_every=cfg.checkpoint_every, epochs=cfg.epochs,
+                               trial=(str(trial[0]), dict(trial[1])) if trial else None)
         timing_event("loop_start")
         train_loop(cfg, out_dir=work / "run", callback=report, resume_from=resume, verbose=False)
 
@@ -209,7 +223,7 @@ def train_trial(params: dict[str, Any], *, fixed: dict[str, Any], workers: int, 
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg, "threads": threads},
+        train_loop_config={"config": cfg, "threads": threads, "trial": [trial_id, settings_of(params)]},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

@@ -243,9 +243,10 @@ def _search(space: Path, runs: Path, *extra: str) -> list[str]:
             "pbt", "--num-cpus", "2", "--no-dashboard", *extra]
 
 
-def _check_population(exp_dir: Path, epochs: int = 6, *, min_clones: int = 1) -> Any:
-    """Every trial reached the last epoch; each trial's rebuilt schedule matches the records its
-    final checkpoint carries (clusters and the lr each epoch actually used)."""
+def _check_population(exp_dir: Path, epochs: int = 6, *, min_clones: int = 1, log_agrees: bool = True) -> Any:
+    """Every trial reached the last epoch; each trial's schedule (from the lineage its final
+    checkpoint carries) matches the records that checkpoint carries (clusters and the lr each
+    epoch actually used); with ``log_agrees``, the lineage log rebuilds the same segments."""
     import analysis
     from analysis import pbt
 
@@ -262,6 +263,11 @@ def _check_population(exp_dir: Path, epochs: int = 6, *, min_clones: int = 1) ->
     assert len(baseline) == 1 and not (set(clones["trial_id"]) | set(clones["donor"])) & baseline
     cfg = exp.space.base_config()
     for t in exp.trials["trial_id"]:
+        carried = pbt.checkpoint_segments(exp, t)
+        assert carried and carried[-1].last == epochs, t  # every trial's checkpoint carries its lineage
+        if log_agrees:
+            logged = lineage(events, t, epochs)
+            assert [(s.trial, s.first, s.last) for s in carried] == [(s.trial, s.first, s.last) for s in logged], t
         sched, records = pbt.schedule(exp, t), pbt.lineage_metrics(exp, t)
         assert list(records["epoch"]) == list(range(1, epochs + 1))
         assert list(sched["clusters"]) == [c if isinstance(c, str) else "" for c in records["clusters"]], t
@@ -310,4 +316,6 @@ def test_pbt_search_killed_and_resumed_finishes_every_trial(tmp_path: Path) -> N
                            "--resume", "--num-cpus", "2", "--no-dashboard"], capture_output=True, text=True,
                           env=_env(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    _check_population(runs / "pbt", min_clones=0)  # how many clones the kill left is chance
+    # How many clones the kill left is chance; the log can hold clones made after Tune's last
+    # saved state, which the resume undid, so only the checkpoints' lineage is exact here.
+    _check_population(runs / "pbt", min_clones=0, log_agrees=False)

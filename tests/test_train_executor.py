@@ -83,6 +83,31 @@ def test_a_restored_run_replays_its_epoch_without_a_checkpoint_then_counts_from_
     assert [e for e, c in fake.reports if c is not None] == [8, 10]
 
 
+def test_checkpoints_carry_the_lineage_of_the_restored_model_then_this_trials_epochs(
+        tmp_path: Path, no_ray: None) -> None:
+    """A clone restored from a donor's epoch-2 checkpoint keeps the donor's entries up to epoch 2
+    (not the donor's later ones, should its file hold more) and adds its own from epoch 3."""
+    from pcl_tune.checkpoint import CHECKPOINT_LINEAGE, checkpoint_lineage
+
+    restored = tmp_path / "restore"
+    restored.mkdir()
+    (restored / CHECKPOINT_FILE).write_bytes(b"")
+    (restored / CHECKPOINT_METRICS).write_text(json.dumps([{"epoch": e, "loss": 1.0} for e in (1, 2)]))
+    donor = [{"epoch": e, "trial": "donor", "settings": {"optim.lr": 0.1}} for e in (1, 2, 3)]
+    (restored / CHECKPOINT_LINEAGE).write_text(json.dumps(donor))
+    fake = FakeRay()
+    run = tmp_path / "run"
+    run.mkdir()
+    reporter = trials.tune_reporter(fake.report, fake.make_checkpoint, restored, checkpoint_every=2, epochs=5,
+                                    trial=("clone", {"optim.lr": 0.05}))
+    _run(reporter, range(2, 4), run)  # epochs 3 and 4; 4 is handed over
+    assert [(e["epoch"], e["trial"], e["settings"]["optim.lr"]) for e in checkpoint_lineage(run)] == [
+        (1, "donor", 0.1), (2, "donor", 0.1), (3, "clone", 0.05), (4, "clone", 0.05)]
+    reporter = trials.tune_reporter(fake.report, fake.make_checkpoint, None, epochs=2)  # no trial: no file
+    _run(reporter, range(2), tmp_path)
+    assert not (tmp_path / CHECKPOINT_LINEAGE).exists()
+
+
 def test_checkpoint_every_is_a_config_key_of_at_least_one() -> None:
     assert TrainConfig().checkpoint_every == 1
     assert config_from_dict({"checkpoint_every": 5}).checkpoint_every == 5
