@@ -6,6 +6,9 @@
   (``"remap"``) and the reference behaviour (``"none"``) kept for comparison.
 * :func:`topk_prototype_loss` - the researcher's top-K weighted pull + margin push loss.
 * :func:`pcl_loss` - InfoNCE + mean over clustering levels of the per-level prototype loss.
+* :func:`amcl_info_nce` - InfoNCE over several projection heads with a temperature per head and
+  per pair, plus a penalty that keeps the temperatures off the trivial solution (adaptive
+  multi-head contrastive learning, Wang, Koniusz, Gedeon and Zheng, ECCV 2024).
 
 No Ray, no I/O, no global state. Shapes: ``B`` batch, ``D`` feature dim, ``Q`` queue
 length, ``M`` prototypes of one clustering level.
@@ -74,6 +77,86 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[T
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels), _accuracy(logits.detach(), labels)
+
+
+def temperature_penalty(temperature: Tensor, prior: float) -> Tensor:
+    """Mean over every element of ``R(t) = log(t / prior) + prior / t - 1`` (>= 0, zero at ``t = prior``).
+
+    ``log t + prior / t`` is, up to a constant, the negative log-density of an inverse-gamma prior
+    on the temperature with scale ``prior`` and shape 0 (density proportional to exp(-prior / t) / t),
+    whose mode is ``prior``. The ``1/t`` side grows without bound as a temperature goes to 0 (the
+    trivial solution of a learned temperature: a tiny positive-pair temperature drives the
+    InfoNCE loss to 0 whatever the features); the ``log t`` side grows as it goes up, so a large
+    temperature for every negative is not free either. Subtracting the minimum (``log prior + 1``)
+    makes the penalty 0 for a constant temperature equal to the prior. The form
+    ``(n/2) log t + 1/t`` (inverse-gamma shape ``n/2 - 1``, scale 1, mode ``2/n``) is this one
+    times ``1/prior`` with ``prior = 2/n``, up to a constant: the same minimiser, the scale
+    absorbed into the weight.
+    """
+    if prior <= 0:
+        raise ValueError(f"prior must be > 0, got {prior}")
+    if not bool((temperature > 0).all()):
+        raise ValueError("every temperature must be > 0")
+    return (torch.log(temperature / prior) + prior / temperature - 1.0).mean()
+
+
+def amcl_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: Tensor, *, beta: float,
+                  prior: float = 0.07) -> tuple[Tensor, Tensor]:
+    """InfoNCE over ``H`` projection heads, each pair with its own temperature, plus a penalty on
+    the temperatures (adaptive multi-head contrastive learning, Wang et al., ECCV 2024).
+
+    For head ``h`` and query ``b``, with similarities ``s_0 = q_hb . k_hb`` (the positive) and
+    ``s_j = q_hb . queue_h[j-1]`` (``j = 1..Q``) and temperatures ``t_j = temperature[h, b, j]``::
+
+        L_h = mean_b [ -log( exp(s_0 / t_0) / sum_j exp(s_j / t_j) ) ] + beta * mean_{b,j} R(t_j)
+
+    with ``R`` of :func:`temperature_penalty` (``prior`` its zero). The loss is ``sum_h L_h``:
+    each head is its own contrastive task on its own embedding, as the heads' losses are summed
+    in the method. With one head, a constant temperature ``t`` and ``beta = 0`` this is
+    :func:`info_nce` exactly (same operations in the same order: a test checks the bits); with a
+    constant temperature equal to ``prior`` the penalty is 0 for any ``beta``.
+
+    Args:
+        q: (H, B, D) L2-normalised query embeddings, one set per head.
+        k: (H, B, D) L2-normalised keys (momentum encoder's heads).
+        queue: (H, Q, D) each head's negative keys.
+        temperature: (H, B, 1 + Q) positive temperatures; column 0 the positive pair, as the
+            logits of :func:`info_nce`.
+        beta: weight of the penalty, >= 0.
+        prior: where the penalty is 0, > 0 (the plain InfoNCE temperature is a natural choice).
+
+    Returns:
+        (loss, accuracy): the summed loss, and the fraction (0-1) of rows whose positive has the
+        largest tempered logit, averaged over heads.
+    """
+    for name, x in (("q", q), ("k", k), ("queue", queue), ("temperature", temperature)):
+        if not isinstance(x, Tensor) or x.ndim != 3 or not x.is_floating_point():
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a 3-d floating-point tensor (heads first), got {shape}")
+    heads, batch, dim = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if queue.shape[0] != heads or queue.shape[2] != dim:
+        raise ValueError(f"queue must have shape ({heads}, Q, {dim}), got {tuple(queue.shape)}")
+    if temperature.shape != (heads, batch, 1 + queue.shape[1]):
+        raise ValueError(f"temperature must have shape ({heads}, {batch}, {1 + queue.shape[1]}) "
+                         f"(heads, batch, 1 + queue length), got {tuple(temperature.shape)}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if not bool((temperature > 0).all()):
+        raise ValueError("every temperature must be > 0")
+    labels = torch.zeros(batch, dtype=torch.long, device=q.device)
+    losses, accuracies = [], []
+    for h in range(heads):
+        l_pos = (q[h] * k[h]).sum(dim=1, keepdim=True)  # (B, 1)
+        l_neg = q[h] @ queue[h].to(q.dtype).T  # (B, Q)
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature[h]
+        loss = F.cross_entropy(logits, labels)
+        if beta:
+            loss = loss + beta * temperature_penalty(temperature[h], prior)
+        losses.append(loss)
+        accuracies.append(_accuracy(logits.detach(), labels))
+    return torch.stack(losses).sum(), torch.stack(accuracies).mean()
 
 
 def sample_negative_prototypes(
