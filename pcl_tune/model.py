@@ -75,6 +75,68 @@ def build_head(kind: str, in_dim: int, low_dim: int, hidden_dim: int | None = No
     raise ValueError(f"unknown head {kind!r}; expected one of {HEADS}")
 
 
+class MultiHead(nn.Module):
+    """``heads`` projection heads of one kind on the same backbone features; ``forward`` returns
+    their L2-normalised embeddings stacked heads first, (H, B, low_dim). Each head is initialised
+    on its own (the default init of its layers), so the heads start as different projections."""
+
+    def __init__(self, kind: str, in_dim: int, low_dim: int, heads: int) -> None:
+        super().__init__()
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}")
+        self.heads = nn.ModuleList(build_head(kind, in_dim, low_dim) for _ in range(heads))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([F.normalize(h(x), dim=1) for h in self.heads])
+
+
+class PairTemperature(nn.Module):
+    """A temperature for every (query, key) pair of every head, inside ``[lo, hi]``.
+
+    For head ``h``, query ``q`` and key ``k`` (embeddings of that head, D dims)::
+
+        z = w . (relu(A q) * relu(B k)) + a * (q . k) + c_h
+        t = lo + (hi - lo) * sigmoid(z)
+
+    ``A``, ``B`` (``rank`` x D), ``w``, ``a`` are shared by the heads, ``c_h`` is one bias per
+    head. This is a two-layer network on the pair whose second layer reads the elementwise
+    product of the two sides' first-layer features, so every query's features meet every key's
+    in one (B, rank) x (rank, 1 + Q) product: O(B Q rank) per head. A network on the
+    concatenated pair would cost O(B Q D hidden), the whole encoder's budget again at Q = 4096.
+    The scaled sigmoid keeps ``t`` inside the range whatever ``z`` (at the ends in floating point,
+    where the sigmoid saturates: ``t >= lo > 0``, so the logits stay finite).
+
+    ``w`` and ``a`` start at zero and ``c_h`` at the logit of ``init``, so every pair starts at
+    temperature ``init`` exactly: the loss starts as plain InfoNCE at that temperature. The inputs
+    are detached: the network reads the embeddings, and the encoder learns only through the
+    tempered logits, not by moving embeddings to steer the temperatures.
+    """
+
+    def __init__(self, dim: int, heads: int, *, lo: float, hi: float, init: float, rank: int = 16) -> None:
+        super().__init__()
+        if not 0.0 < lo < hi:
+            raise ValueError(f"temperature range must satisfy 0 < lo < hi, got ({lo}, {hi})")
+        if not lo < init < hi:
+            raise ValueError(f"initial temperature {init} must lie strictly inside ({lo}, {hi})")
+        self.lo, self.hi = float(lo), float(hi)
+        self.query_proj = nn.Linear(dim, rank)
+        self.key_proj = nn.Linear(dim, rank)
+        self.weight = nn.Parameter(torch.zeros(rank))
+        self.sim_weight = nn.Parameter(torch.zeros(()))
+        frac = (init - lo) / (hi - lo)
+        self.bias = nn.Parameter(torch.full((heads,), float(torch.logit(torch.tensor(frac, dtype=torch.float64)))))
+
+    def forward(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
+        """(H, B, D) queries, (H, B, D) positive keys, (H, Q, D) queues -> (H, B, 1 + Q) temperatures,
+        column 0 the positive pair."""
+        q, k, queue = q.detach(), k.detach(), queue.detach().to(q.dtype)
+        fq = F.relu(self.query_proj(q)) * self.weight  # (H, B, r)
+        z_pos = (fq * F.relu(self.key_proj(k))).sum(-1, keepdim=True) + self.sim_weight * (q * k).sum(-1, keepdim=True)
+        z_neg = fq @ F.relu(self.key_proj(queue)).transpose(1, 2) + self.sim_weight * (q @ queue.transpose(1, 2))
+        z = torch.cat([z_pos, z_neg], dim=2) + self.bias.view(-1, 1, 1)
+        return self.lo + (self.hi - self.lo) * torch.sigmoid(z)
+
+
 class Encoder(nn.Module):
     """Backbone + projection head; ``forward`` returns L2-normalised embeddings (B, low_dim)."""
 

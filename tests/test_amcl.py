@@ -137,3 +137,46 @@ def test_wrong_inputs_get_one_line_naming_the_argument(change: object, message: 
         amcl_info_nce(*change(q, k, u, t), beta=0.1)  # type: ignore[operator]
     with pytest.raises(ValueError, match="beta must be >= 0"):
         amcl_info_nce(q, k, u, t, beta=-1.0)
+
+
+# --------------------------------------------------------------------------- the modules
+
+def test_multi_head_gives_unit_embeddings_per_head_and_the_heads_differ() -> None:
+    from pcl_tune.model import MultiHead
+
+    torch.manual_seed(0)
+    head = MultiHead("mlp", 12, 6, heads=3)
+    out = head(torch.randn(5, 12))
+    assert out.shape == (3, 5, 6)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(3, 5), atol=1e-6)
+    assert not torch.allclose(out[0], out[1])
+    with pytest.raises(ValueError, match="heads must be >= 1"):
+        MultiHead("mlp", 12, 6, heads=0)
+
+
+def test_pair_temperature_starts_at_init_stays_in_range_and_learns() -> None:
+    from pcl_tune.model import PairTemperature
+
+    torch.manual_seed(0)
+    lo, hi, init = 1e-5, 2.0, 0.07
+    net = PairTemperature(8, 2, lo=lo, hi=hi, init=init, rank=4)
+    q, k, queue = _unit(2, 5, 8, seed=1, dtype=torch.float32), _unit(2, 5, 8, seed=2, dtype=torch.float32), \
+        _unit(2, 9, 8, seed=3, dtype=torch.float32)
+    t = net(q, k, queue)
+    assert t.shape == (2, 5, 10)
+    assert torch.allclose(t, torch.full_like(t, init), rtol=1e-5)  # plain InfoNCE at the start
+    with torch.no_grad():  # extreme parameters: still inside the range (the sigmoid saturates at its ends)
+        net.weight.fill_(1e3)
+        net.sim_weight.fill_(-1e3)
+    t = net(q, k, queue)
+    assert (t >= lo).all() and (t <= hi).all() and t.min() < 0.01 and t.max() > 1.0
+    net = PairTemperature(8, 2, lo=lo, hi=hi, init=init, rank=4)
+    q.requires_grad_(True)
+    loss, _ = amcl_info_nce(q, k, queue, net(q, k, queue), beta=0.1)
+    loss.backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["weight"].abs().sum() > 0 and grads["bias"].abs().sum() > 0 and grads["sim_weight"].abs() > 0
+    for bad in ((0.0, 1.0, 0.5), (0.5, 0.2, 0.3), (0.1, 1.0, 2.0)):
+        with pytest.raises(ValueError, match="temperature"):
+            PairTemperature(8, 2, lo=bad[0], hi=bad[1], init=bad[2])
