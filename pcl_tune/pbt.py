@@ -73,6 +73,28 @@ def perturb(config: dict[str, Any], params: list[Param], rng: np.random.Generato
     return new, ops
 
 
+def to_gp(p: Param, value: Any) -> float:
+    """A numeric parameter's value on the axis PB2's Gaussian process models: log10 for a log
+    range (a step from 0.001 to 0.002 is as large as one from 0.05 to 0.1), the value otherwise."""
+    return math.log10(float(value)) if p.log else float(value)
+
+
+def gp_bounds(p: Param) -> tuple[float, float]:
+    """``[low, high]`` of a numeric parameter on the GP's axis (:func:`to_gp`)."""
+    return to_gp(p, p.low), to_gp(p, p.high)
+
+
+def from_gp(p: Param, x: float) -> Any:
+    """The inverse of :func:`to_gp`, clipped to the bounds; an integer range rounds to its step."""
+    value = 10.0 ** float(x) if p.log else float(x)
+    lo, hi = float(p.low), float(p.high)  # type: ignore[arg-type]
+    value = min(max(value, lo), hi)
+    if p.kind == "int":
+        step = int(p.step or 1)
+        return int(min(max(int(lo) + step * round((value - lo) / step), int(lo)), int(hi)))
+    return value
+
+
 def draw(p: Param, rng: np.random.Generator) -> Any:
     """One value of ``p``'s distribution (log-uniform for a log range)."""
     if p.kind == "choice":

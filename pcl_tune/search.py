@@ -141,7 +141,8 @@ def describe_space(space: SearchSpace) -> str:
         lines.append(f"  Population Based Training: {b.population} trials drawn at random (seed {space.seed}) train "
                      f"together; every {b.interval} epochs from epoch {pbt_burn_in(space)} the bottom "
                      f"{b.quantile:.0%} clone a top-{b.quantile:.0%} trial and perturb {', '.join(b.mutate)} "
-                     f"(resample p={b.resample_probability:g}, factors {list(b.perturbation_factors)})")
+                     f"(resample p={b.resample_probability:g}, factors {list(b.perturbation_factors)})"
+                     + ("; PB2's GP-UCB picks the new values of the ranges" if b.explore == "pb2" else ""))
         for point in space.points_to_evaluate[: b.population]:
             lines.append("    in the population: " + ", ".join(f"{k}={v}" for k, v in point.items()))
     else:
@@ -344,10 +345,11 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
 
 def _pbt_parts(space: SearchSpace, *, max_concurrent: int) -> tuple[dict[str, Any], Any, Any]:
     """(param_space, searcher, scheduler) of a PBT search: a random initial population (the space's
-    points first, then the MoCo v2 baseline) and :class:`~pcl_tune.searcher.BoundedPBT`."""
+    points first, then the MoCo v2 baseline) and :class:`~pcl_tune.searcher.BoundedPBT` (or
+    :class:`~pcl_tune.searcher.BoundedPB2` with ``pbt.explore: pb2``)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from .searcher import BoundedPBT, tune_domain
+    from .searcher import BoundedPB2, BoundedPBT, tune_domain
     from .space import ARM_KEY, pbt_burn_in
 
     assert space.pbt is not None
@@ -359,7 +361,8 @@ def _pbt_parts(space: SearchSpace, *, max_concurrent: int) -> tuple[dict[str, An
         points.insert(min(1, len(points)), space.baseline_point())
     searcher = BasicVariantGenerator(points_to_evaluate=points or None, random_state=space.seed,
                                      max_concurrent=max_concurrent)
-    scheduler = BoundedPBT(params=[p for p in space.params if p.name in b.mutate], seed=space.seed,
+    cls = BoundedPB2 if b.explore == "pb2" else BoundedPBT
+    scheduler = cls(params=[p for p in space.params if p.name in b.mutate], seed=space.seed,
                            resample_probability=b.resample_probability, perturbation_factors=b.perturbation_factors,
                            time_attr="epoch", perturbation_interval=b.interval, burn_in_period=pbt_burn_in(space),
                            quantile_fraction=b.quantile, synch=False, all_live=max_concurrent >= space.total_trials(),

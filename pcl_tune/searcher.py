@@ -11,16 +11,18 @@ import json
 import logging
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 import optuna
+import pandas as pd
 import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .pbt import LINEAGE_DIR, perturb
+from .pbt import LINEAGE_DIR, from_gp, gp_bounds, perturb, to_gp
 from .space import ARM_KEY, BASELINE_ARM, Param
 
 log = logging.getLogger("pcl_tune.search")
@@ -314,3 +316,71 @@ class BoundedPBT(PopulationBasedTraining):
                 f.write(json.dumps({**event, "time": stamp}, default=str).encode())
         except (OSError, ValueError) as e:
             log.warning("PBT lineage log not written (%s): %s", event.get("event"), e)
+
+
+class BoundedPB2(BoundedPBT):
+    """:class:`BoundedPBT` whose clones take new values of the numeric ranges from Population Based
+    Bandits (PB2: Parker-Holder, Nguyen and Roberts, NeurIPS 2020) instead of random factors.
+
+    At every perturbation point each PCL trial's objective, epoch and current settings are
+    recorded. A clone's new ranges come from Ray Tune's PB2 step (``ray.tune.schedulers.pb2``,
+    GP-UCB with a time-varying kernel): a Gaussian process models how much the objective rose
+    per epoch under given settings, and the clone takes the settings with the highest upper
+    confidence bound, avoiding those other trials took in the same round. Differences to Ray's
+    ``PB2`` class, which keeps the rest of :class:`BoundedPBT` (lineage, baseline, last epoch):
+
+    * log ranges (the lr, temperatures) are modelled on a log10 axis (:func:`pcl_tune.pbt.to_gp`),
+      integer ranges are rounded to their step, every value is clipped to the space's bounds;
+    * choices (a cluster schedule) move to a neighbour as in :func:`pcl_tune.pbt.perturb`: PB2
+      models ranges only;
+    * until the GP has a data point for the donor (its objective at two perturbation points under
+      the same settings), the ranges are perturbed as :class:`BoundedPBT` does; Ray's PB2 would
+      copy the donor's values unchanged.
+
+    The GP's optimiser draws its restarts from NumPy's global generator, so PB2 searches are not
+    reproducible to the bit even with ``searcher.seed``.
+    """
+
+    def __init__(self, *, params: list[Param], **kwargs: Any) -> None:
+        super().__init__(params=params, **kwargs)
+        self._ranges = [p for p in params if p.numeric]
+        self._bounds = {p.name: list(gp_bounds(p)) for p in self._ranges}
+        self.data = pd.DataFrame()
+        self.current: Any = None
+        self.last_exploration_time = 0
+
+    def _save_trial_state(self, state: Any, time: int, result: dict[str, Any], trial: Any) -> float:
+        score = super()._save_trial_state(state, time, result, trial)
+        row = {"Trial": str(trial), "Time": result[self._time_attr],
+               **{p.name: to_gp(p, trial.config[p.name]) for p in self._ranges}, "Reward": score}
+        self.data = pd.concat([self.data, pd.DataFrame([row])], ignore_index=True)
+        return score
+
+    def _get_new_config(self, trial: Any, trial_to_clone: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        from ray.tune.schedulers.pb2 import _explore
+        from sklearn.exceptions import ConvergenceWarning
+
+        new, ops = super()._get_new_config(trial, trial_to_clone)  # choices (and fallback ranges) perturbed
+        if not self._ranges or self.data.empty:
+            return new, ops
+        donor = dict(trial_to_clone.config)
+        if self.data["Time"].max() > self.last_exploration_time:
+            self.current = None  # a new round: the points other clones took before do not count
+        flat = {p.name: to_gp(p, donor[p.name]) for p in self._ranges}
+        with warnings.catch_warnings():  # sklearn's GP fit: "close to the specified bound", every round
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            chosen, data = _explore(self.data, self._bounds, self.current, trial_to_clone, trial, flat)
+        if all(chosen[k] == flat[k] for k in flat) and data is self.data:
+            return new, ops  # no data point for the donor yet: keep BoundedPBT's perturbation
+        self.data = data.copy()
+        point = np.array([[chosen[k] for k in self._bounds]], dtype=float)
+        if self.data["Time"].max() > self.last_exploration_time:
+            self.last_exploration_time = self.data["Time"].max()
+            self.current = point
+        else:
+            self.current = point if self.current is None else np.concatenate([self.current, point])
+        for p in self._ranges:
+            new[p.name] = from_gp(p, chosen[p.name])
+            ops[p.name] = "pb2"
+        self._last_operations = ops
+        return new, dict(ops)

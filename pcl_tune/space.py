@@ -89,7 +89,10 @@ SEARCH_ALGORITHMS = ("tpe", "grid")
 SCHEDULERS: tuple[str, ...] = ("asha", "pbt")
 """``scheduler``: ASHA early stopping over TPE's trials (``asha``), or Population Based Training
 (``pbt``: a population trained together; the weak clone the strong and perturb their settings)."""
-PBT_KEYS = ("population", "interval", "burn_in", "quantile", "resample_probability", "perturbation_factors", "mutate")
+PBT_KEYS = ("population", "interval", "burn_in", "quantile", "resample_probability", "perturbation_factors", "mutate",
+            "explore")
+PBT_EXPLORE: tuple[str, ...] = ("perturb", "pb2")
+"""How a clone's new settings are chosen: random bounded perturbations, or PB2's bandit (ranges only)."""
 PBT_MUTABLE: tuple[str, ...] = ("pcl.", "optim.lr", "optim.momentum", "optim.weight_decay", "model.momentum")
 """Settings a running trial can change between two epochs (a dotted key, or a prefix ending in '.').
 A resumed trial rebuilds its run from the config and then loads the model, queue and optimiser
@@ -218,11 +221,17 @@ class PBTSettings:
     perturbation_factors: tuple[float, float] = (0.8, 1.2)
     mutate: list[str] = field(default_factory=list)
     """Settings perturbed on cloning (default: every searched setting in :data:`PBT_MUTABLE`)."""
+    explore: str = "perturb"
+    """``perturb`` (the above) or ``pb2``: Population Based Bandits (Parker-Holder et al., NeurIPS
+    2020) choose the new values of the numeric ranges in ``mutate`` by GP-UCB on how much each
+    trial's objective rose per epoch under its settings (:class:`pcl_tune.searcher.BoundedPB2`);
+    choices are still perturbed as above."""
 
     def to_json(self) -> dict[str, Any]:
         return {"population": self.population, "interval": self.interval, "burn_in": self.burn_in,
                 "quantile": self.quantile, "resample_probability": self.resample_probability,
-                "perturbation_factors": list(self.perturbation_factors), "mutate": list(self.mutate)}
+                "perturbation_factors": list(self.perturbation_factors), "mutate": list(self.mutate),
+                "explore": self.explore}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PBTSettings:
@@ -711,6 +720,12 @@ def _parse_pbt(ld: _Loader, space: SearchSpace, sec: dict[str, Any], srch: dict[
     if not mutate:
         raise ld.fail("pbt.mutate", mutate, "at least one searched setting a running trial can change between "
                       "epochs: " + ", ".join(p + ("*" if p.endswith(".") else "") for p in PBT_MUTABLE))
+    explore = sec.get("explore", d.explore)
+    if explore not in PBT_EXPLORE:
+        raise ld.fail("pbt.explore", explore, "one of " + ", ".join(PBT_EXPLORE))
+    if explore == "pb2" and not any(q.numeric for q in space.params if q.name in mutate):
+        raise ld.fail("pbt.explore", explore, "perturb when pbt.mutate holds no numeric range (PB2 models ranges "
+                      "only; choices are perturbed either way)")
     space.scheduler = "pbt"
     space.algorithm = "pbt"
     space.asha = False
@@ -719,7 +734,7 @@ def _parse_pbt(ld: _Loader, space: SearchSpace, sec: dict[str, Any], srch: dict[
     space.pbt = PBTSettings(population=population, interval=interval, burn_in=burn_in, quantile=float(quantile),
                             resample_probability=float(resample),
                             perturbation_factors=tuple(float(f) for f in factors),  # type: ignore[arg-type]
-                            mutate=list(mutate))
+                            mutate=list(mutate), explore=str(explore))
 
 
 def _parse_ablation(ld: _Loader, space: SearchSpace, abl: dict[str, Any], srch: dict[str, Any],

@@ -78,6 +78,8 @@ def test_pbt_space_defaults_mutate_what_a_running_trial_can_change(tmp_path: Pat
     ({"scheduler": "hyperband"}, "scheduler"),
     ({"fixed": {"epochs": 12, "pcl": {"warmup_epochs": 2}, "checkpoint_every": 2}}, "fixed.checkpoint_every"),
     ({"scheduler": None}, "pbt"),
+    ({"pbt": {"explore": "bandit"}}, "pbt.explore"),
+    ({"pbt": {"explore": "pb2", "mutate": ["pcl.cluster_schedule"]}}, "pbt.explore"),
 ])
 def test_pbt_space_errors_name_the_key(tmp_path: Path, changes: dict[str, Any], key: str) -> None:
     with pytest.raises(SpaceError) as e:
@@ -185,6 +187,68 @@ def test_lineage_log_reader_skips_a_torn_file(tmp_path: Path) -> None:
         lineage([], "a", 3)
 
 
+# --------------------------------------------------------------------------- PB2
+
+def test_pb2_explore_is_a_pbt_setting_that_round_trips(tmp_path: Path) -> None:
+    from pcl_tune.space import SearchSpace
+
+    space = load_space(_pbt_space(tmp_path, pbt={"population": 4, "interval": 3, "explore": "pb2"}))
+    assert space.pbt is not None and space.pbt.explore == "pb2"
+    assert SearchSpace.from_json(json.loads(json.dumps(space.to_json()))).pbt == space.pbt
+    assert load_space(_pbt_space(tmp_path)).pbt.explore == "perturb"  # type: ignore[union-attr]
+
+
+def test_the_gp_axis_is_log10_for_log_ranges_and_values_come_back_clipped_and_on_the_step() -> None:
+    from pcl_tune.pbt import from_gp, gp_bounds, to_gp
+
+    lr, alpha, k = PARAMS[0], PARAMS[1], PARAMS[2]
+    assert gp_bounds(lr) == pytest.approx((-3.0, -1.0)) and gp_bounds(alpha) == (0.5, 3.0)
+    assert from_gp(lr, to_gp(lr, 0.02)) == pytest.approx(0.02)
+    assert from_gp(lr, 0.5) == 0.1 and from_gp(alpha, -7.0) == 0.5  # clipped to the bounds
+    assert from_gp(k, 2.6) == 3 and isinstance(from_gp(k, 2.6), int)
+    stepped = Param("pcl.k", "int", 2, 10, step=4)
+    assert [from_gp(stepped, x) for x in (2.0, 3.9, 4.1, 9.9, 12.0)] == [2, 2, 6, 10, 10]
+
+
+class _Trial:
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        self.name, self.config = name, config
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def test_pb2_picks_ranges_by_gp_ucb_inside_the_bounds_and_perturbs_choices() -> None:
+    """Four trials' objectives at three perturbation points: every GP pick stays in its bounds,
+    the picks of one round differ (each is remembered), the choice moves to a neighbour, and
+    before the donor has two points the ranges are perturbed as PBT does."""
+    from types import SimpleNamespace
+
+    from pcl_tune.searcher import BoundedPB2
+
+    params = [PARAMS[0], PARAMS[3]]
+    pb2 = BoundedPB2(params=params, seed=0, metric="knn_top1", mode="max", time_attr="epoch",
+                     perturbation_interval=2)
+    lrs = [0.002, 0.01, 0.03, 0.09]
+    trials = [_Trial(f"t{i}", {"optim.lr": lr, "pcl.cluster_schedule": "10,20"}) for i, lr in enumerate(lrs)]
+    state = SimpleNamespace(last_score=None, last_train_time=0, last_result=None)
+    pb2._save_trial_state(state, 2, {"epoch": 2, "knn_top1": 20.0}, trials[0])
+    new, ops = pb2._get_new_config(trials[1], trials[0])
+    assert ops["optim.lr"] != "pb2"  # one point for the donor: no GP step yet
+    for epoch in (2, 4, 6):
+        for i, t in enumerate(trials):
+            gain = [1.0, 4.0, 2.0, 0.5][i]  # lr 0.01 gains most per epoch
+            pb2._save_trial_state(state, epoch, {"epoch": epoch, "knn_top1": 10.0 + gain * epoch}, t)
+    picks = []
+    for _ in range(3):
+        new, ops = pb2._get_new_config(trials[3], trials[1])
+        assert ops["optim.lr"] == "pb2" and 0.001 <= new["optim.lr"] <= 0.1
+        assert new["pcl.cluster_schedule"] in ("5,10", "20,40") or ops["pcl.cluster_schedule"] == "resample"
+        picks.append(new["optim.lr"])
+    assert pb2.current is not None and len(pb2.current) == 3  # one round: each pick is remembered
+    assert len(set(picks)) > 1  # later picks avoid the points taken in the same round
+
+
 # --------------------------------------------------------------------------- a clone's optimiser
 
 def test_a_run_resumed_with_other_optimiser_settings_takes_them(tmp_path: Path) -> None:
@@ -289,6 +353,22 @@ def test_pbt_search_clones_perturbs_and_reports(tmp_path: Path) -> None:
     assert (runs / "pbt" / "analysis" / "pbt_schedules.png").is_file()
     assert len(exp.trials) == 5  # 4 in the population and the MoCo v2 baseline
     assert "Error handling checkpoint" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_pb2_search_finishes_with_gp_chosen_ranges(tmp_path: Path) -> None:
+    space = _smoke_space(tmp_path)
+    spec = yaml.safe_load(space.read_text())
+    spec["pbt"]["explore"] = "pb2"
+    space.write_text(yaml.safe_dump(spec, sort_keys=False))
+    runs = tmp_path / "runs"
+    proc = subprocess.run(_search(space, runs, "--no-report"), capture_output=True, text=True, env=_env(),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    exp = _check_population(runs / "pbt", min_clones=1)
+    ops = [e.get("operations", {}) for e in read_lineage_log(runs / "pbt") if e["event"] == "clone"]
+    assert any("pb2" in o.values() for o in ops), ops  # the GP chose the ranges of some clone
+    assert len(exp.trials) == 5
 
 
 @pytest.mark.slow
