@@ -99,7 +99,13 @@ class ModelConfig:
     small_stem: bool = True
     """ResNet: 3x3 stride-1 stem without max-pool (for images below ~96 px)."""
     head: str = "mlp"
-    """Projection head: linear | mlp."""
+    """Projection head: linear | mlp | amcl (``num_heads`` MLP heads, each with its own queue, and a
+    temperature per head and (query, key) pair: adaptive multi-head contrastive learning, Wang et
+    al., ECCV 2024; METHOD.md)."""
+    num_heads: int = 3
+    """amcl: projection heads C."""
+    temperature_range: list[float] = field(default_factory=lambda: [1e-5, 2.0])
+    """amcl: [lo, hi] of every pair temperature (a scaled sigmoid keeps it inside)."""
     low_dim: int = 128
     """Embedding dimension."""
     queue_size: int = 256
@@ -166,6 +172,12 @@ class PCLConfig:
     """Top-K push term: sum (the report) | mean."""
     proto_weight: float = 1.0
     """Weight of the mean prototype loss added to InfoNCE."""
+    amcl_beta: float = 0.1
+    """model.head amcl: weight of the temperature penalty (pcl_tune.losses.temperature_penalty,
+    zero at ``pcl.temperature``)."""
+    proto_head: int = 0
+    """model.head amcl: the index of the head whose embeddings are clustered and take the prototype
+    loss (each head clustered on its own, ``all``, is not built yet)."""
 
 
 @dataclass
@@ -361,7 +373,7 @@ def config_from_dict(data: dict[str, Any] | None = None) -> TrainConfig:
 _CHOICES = {
     "data.dataset": ("digits", "folder", "cifar10", "cifar100", "miniimagenet"),
     "model.backbone": ("small_cnn", "resnet18", "resnet50"),
-    "model.head": ("linear", "mlp"),
+    "model.head": ("linear", "mlp", "amcl"),
     "model.key_bn": ("own", "ema", "query"),
     "optim.schedule": ("cosine", "step"),
     "pcl.proto_loss": ("proto_nce", "topk", "topk_below"),
@@ -411,6 +423,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"key 'model.bn_splits': got {cfg.model.bn_splits!r}, expected an integer >= 1")
     if not 0 <= cfg.model.momentum < 1:
         raise ConfigError(f"key 'model.momentum': got {cfg.model.momentum!r}, expected a value in [0, 1)")
+    _validate_amcl(cfg)
     if not 0 < cfg.pcl.alpha <= 4:
         raise ConfigError(f"key 'pcl.alpha': got {cfg.pcl.alpha!r}, expected a value in (0, 4] "
                           "(a squared distance between unit vectors)")
@@ -427,6 +440,23 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"key 'data.root': dataset {cfg.data.dataset!r} needs a root folder")
     if len(cfg.data.digits_copies) != 3 or min(cfg.data.digits_copies) < 1:
         raise ConfigError(f"key 'data.digits_copies': got {cfg.data.digits_copies!r}, expected three integers >= 1")
+
+
+def _validate_amcl(cfg: TrainConfig) -> None:
+    m, p = cfg.model, cfg.pcl
+    if m.num_heads < 1:
+        raise ConfigError(f"key 'model.num_heads': got {m.num_heads!r}, expected an integer >= 1")
+    rng = m.temperature_range
+    if len(rng) != 2 or not 0 < rng[0] < rng[1]:
+        raise ConfigError(f"key 'model.temperature_range': got {rng!r}, expected [lo, hi] with 0 < lo < hi")
+    if p.amcl_beta < 0:
+        raise ConfigError(f"key 'pcl.amcl_beta': got {p.amcl_beta!r}, expected a value >= 0")
+    if not 0 <= p.proto_head < m.num_heads:
+        raise ConfigError(f"key 'pcl.proto_head': got {p.proto_head!r}, expected a head index in "
+                          f"[0, {m.num_heads - 1}] (model.num_heads)")
+    if m.head == "amcl" and not rng[0] < p.temperature < rng[1]:
+        raise ConfigError(f"key 'pcl.temperature': got {p.temperature!r}, expected a value inside "
+                          f"model.temperature_range {rng!r} (model.head amcl starts every pair there)")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

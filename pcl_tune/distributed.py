@@ -128,3 +128,13 @@ def broadcast_buffers(module: torch.nn.Module, *, src: int = 0) -> None:
         return
     for buf in module.buffers():
         dist.broadcast(buf.data, src)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average the gradients of ``module``'s parameters over ranks (a module DDP does not wrap)."""
+    if not is_distributed():
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world_size()

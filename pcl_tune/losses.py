@@ -129,6 +129,31 @@ def amcl_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: Tensor, *, b
         (loss, accuracy): the summed loss, and the fraction (0-1) of rows whose positive has the
         largest tempered logit, averaged over heads.
     """
+    losses, accuracies = amcl_info_nce_heads(q, k, queue, temperature, beta=beta, prior=prior)
+    return losses.sum(), accuracies.mean()
+
+
+def amcl_info_nce_heads(q: Tensor, k: Tensor, queue: Tensor, temperature: Tensor, *, beta: float,
+                        prior: float = 0.07) -> tuple[Tensor, Tensor]:
+    """:func:`amcl_info_nce` per head: ``(losses (H,), accuracies (H,))``, each head's ``L_h`` and
+    accuracy (their sum and mean are :func:`amcl_info_nce`'s)."""
+    _check_amcl(q, k, queue, temperature, beta)
+    heads, batch, _ = q.shape
+    labels = torch.zeros(batch, dtype=torch.long, device=q.device)
+    losses, accuracies = [], []
+    for h in range(heads):
+        l_pos = (q[h] * k[h]).sum(dim=1, keepdim=True)  # (B, 1)
+        l_neg = q[h] @ queue[h].to(q.dtype).T  # (B, Q)
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature[h]
+        loss = F.cross_entropy(logits, labels)
+        if beta:
+            loss = loss + beta * temperature_penalty(temperature[h], prior)
+        losses.append(loss)
+        accuracies.append(_accuracy(logits.detach(), labels))
+    return torch.stack(losses), torch.stack(accuracies)
+
+
+def _check_amcl(q: Tensor, k: Tensor, queue: Tensor, temperature: Tensor, beta: float) -> None:
     for name, x in (("q", q), ("k", k), ("queue", queue), ("temperature", temperature)):
         if not isinstance(x, Tensor) or x.ndim != 3 or not x.is_floating_point():
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -145,18 +170,6 @@ def amcl_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: Tensor, *, b
         raise ValueError(f"beta must be >= 0, got {beta}")
     if not bool((temperature > 0).all()):
         raise ValueError("every temperature must be > 0")
-    labels = torch.zeros(batch, dtype=torch.long, device=q.device)
-    losses, accuracies = [], []
-    for h in range(heads):
-        l_pos = (q[h] * k[h]).sum(dim=1, keepdim=True)  # (B, 1)
-        l_neg = q[h] @ queue[h].to(q.dtype).T  # (B, Q)
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature[h]
-        loss = F.cross_entropy(logits, labels)
-        if beta:
-            loss = loss + beta * temperature_penalty(temperature[h], prior)
-        losses.append(loss)
-        accuracies.append(_accuracy(logits.detach(), labels))
-    return torch.stack(losses).sum(), torch.stack(accuracies).mean()
 
 
 def sample_negative_prototypes(
@@ -450,18 +463,21 @@ def pcl_loss(
     config: PrototypeLossConfig,
     proto_weight: float = 1.0,
     generator: torch.Generator | None = None,
+    instance: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PCL objective: InfoNCE + proto_weight * mean over levels of the level's prototype loss.
 
-    With no levels (warm-up) the loss is InfoNCE alone, as in the reference.
+    With no levels (warm-up) the loss is InfoNCE alone, as in the reference. ``instance`` (loss,
+    accuracy) replaces the InfoNCE term (the multi-head one of :func:`amcl_info_nce`; ``k`` and
+    ``queue`` are then unused and ``q`` is the embedding the prototype losses read).
 
     Returns:
         (loss, parts): the scalar to back-propagate and detached parts: ``loss``, ``loss_inst``,
         ``acc_inst``, and when levels are given ``loss_proto``, ``acc_proto`` (means over levels)
         and ``loss_proto_{i}``, ``acc_proto_{i}`` per level i.
     """
-    loss_inst, acc_inst = info_nce(q, k, queue, temperature)
-    parts: dict[str, Tensor] = {"loss_inst": loss_inst.detach(), "acc_inst": acc_inst}
+    loss_inst, acc_inst = instance if instance is not None else info_nce(q, k, queue, temperature)
+    parts: dict[str, Tensor] = {"loss_inst": loss_inst.detach(), "acc_inst": acc_inst.detach()}
     total = loss_inst
     if levels:
         level_losses = []

@@ -29,6 +29,8 @@ class Metric:
         direction: ``"max"`` or ``"min"``: what counts as better.
         unit: ``"%"``, ``"s"``, ``"images/s"`` or ``""``.
         per_level: also reported once per clustering level as ``<name>_<level>``.
+        per_head: reported only by multi-head runs (``model.head: amcl``), once per projection
+            head as ``<name>_<head>`` (the name ends in ``_head``: ``loss_inst_head_0``).
         has_best: whether a trial's best value over its epochs means something (not for a
             learning rate or a cluster count, which are settings, not results).
         measured_at: ``"epoch"`` (every epoch), ``"eval"`` (only at epochs where evaluation runs:
@@ -42,6 +44,7 @@ class Metric:
     doc: str
     per_level: bool = False
     has_best: bool = True
+    per_head: bool = False
     measured_at: Literal["epoch", "eval", "clusters"] = "epoch"
 
 
@@ -70,6 +73,16 @@ REGISTRY: tuple[Metric, ...] = (
     Metric("time_eval", "min", "s", "evaluation"),
     Metric("time_epoch", "min", "s", "the whole epoch"),
     Metric("num_clusters", "max", "", "cluster count of the level (0 in warm-up)", per_level=True, has_best=False),
+    Metric("loss_inst_head", "min", "", "multi-head: the head's tempered InfoNCE loss with its temperature penalty",
+           per_head=True),
+    Metric("acc_inst_head", "max", "%", "multi-head: top-1 of the positive key in the head's tempered logits",
+           per_head=True),
+    Metric("tau_pos_mean_head", "max", "", "multi-head: mean temperature of the head's positive pairs",
+           per_head=True, has_best=False),
+    Metric("tau_pos_p10_head", "max", "", "multi-head: 10th percentile of the head's positive-pair temperatures",
+           per_head=True, has_best=False),
+    Metric("tau_pos_p90_head", "max", "", "multi-head: 90th percentile of the head's positive-pair temperatures",
+           per_head=True, has_best=False),
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in REGISTRY}
 # Keys of an epoch's result that are not metrics: its 1-based number and the counts as text.
@@ -84,7 +97,7 @@ def lookup(name: str) -> Metric | None:
     if name in BY_NAME:
         return BY_NAME[name]
     m = _LEVEL.match(name)
-    if m and m["stem"] in BY_NAME and BY_NAME[m["stem"]].per_level:
+    if m and m["stem"] in BY_NAME and (BY_NAME[m["stem"]].per_level or BY_NAME[m["stem"]].per_head):
         return BY_NAME[m["stem"]]
     return None
 
@@ -94,9 +107,16 @@ def level_names(num_levels: int) -> list[str]:
     return [f"{m.name}_{i}" for m in REGISTRY if m.per_level for i in range(num_levels)]
 
 
-def reported_metrics(num_levels: int) -> list[str]:
-    """Numeric metric names every epoch carries for a schedule of ``num_levels`` levels, in order."""
-    return [m.name for m in REGISTRY if m.name != "num_clusters"] + level_names(num_levels)
+def head_names(num_heads: int) -> list[str]:
+    """``["loss_inst_head_0", ..., "tau_pos_p90_head_2"]`` in registry order ([] for a single head)."""
+    return [f"{m.name}_{i}" for m in REGISTRY if m.per_head for i in range(num_heads)]
+
+
+def reported_metrics(num_levels: int, num_heads: int = 0) -> list[str]:
+    """Numeric metric names every epoch carries for a schedule of ``num_levels`` levels (and
+    ``num_heads`` projection heads of a multi-head run), in order."""
+    return ([m.name for m in REGISTRY if m.name != "num_clusters" and not m.per_head] + level_names(num_levels)
+            + head_names(num_heads))
 
 
 def direction(name: str, *, objective: str | None = None, mode: Direction = "max") -> Direction:
@@ -131,11 +151,11 @@ def has_best(name: str) -> bool:
     return m.has_best if m is not None else True
 
 
-def complete(metrics: dict[str, Any], num_levels: int) -> dict[str, Any]:
+def complete(metrics: dict[str, Any], num_levels: int, num_heads: int = 0) -> dict[str, Any]:
     """``metrics`` with every registered metric present: NaN where it was not measured this epoch
     (prototype metrics in warm-up, evaluation metrics between evaluations)."""
     out = dict(metrics)
-    for name in reported_metrics(num_levels):
+    for name in reported_metrics(num_levels, num_heads):
         out.setdefault(name, math.nan)
     return out
 

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
 BACKBONES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50")
-HEADS: tuple[str, ...] = ("linear", "mlp")
+HEADS: tuple[str, ...] = ("linear", "mlp", "amcl")
 KEY_BN: tuple[str, ...] = ("own", "ema", "query")
 
 log = logging.getLogger(__name__)
@@ -72,7 +77,7 @@ def build_head(kind: str, in_dim: int, low_dim: int, hidden_dim: int | None = No
     if kind == "mlp":
         hid = hidden_dim or in_dim
         return nn.Sequential(nn.Linear(in_dim, hid), nn.ReLU(inplace=True), nn.Linear(hid, low_dim))
-    raise ValueError(f"unknown head {kind!r}; expected one of {HEADS}")
+    raise ValueError(f"unknown head {kind!r}; expected one of {HEADS[:2]}")
 
 
 class MultiHead(nn.Module):
@@ -124,7 +129,7 @@ class PairTemperature(nn.Module):
         self.weight = nn.Parameter(torch.zeros(rank))
         self.sim_weight = nn.Parameter(torch.zeros(()))
         frac = (init - lo) / (hi - lo)
-        self.bias = nn.Parameter(torch.full((heads,), float(torch.logit(torch.tensor(frac, dtype=torch.float64)))))
+        self.bias = nn.Parameter(torch.full((heads,), math.log(frac / (1.0 - frac))))
 
     def forward(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
         """(H, B, D) queries, (H, B, D) positive keys, (H, Q, D) queues -> (H, B, 1 + Q) temperatures,
@@ -138,16 +143,23 @@ class PairTemperature(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Backbone + projection head; ``forward`` returns L2-normalised embeddings (B, low_dim)."""
+    """Backbone + projection head; ``forward`` returns L2-normalised embeddings (B, low_dim), or
+    (H, B, low_dim) with ``head="amcl"`` (``num_heads`` MLP heads: :class:`MultiHead`)."""
 
-    def __init__(self, backbone: str, head: str, low_dim: int, *, width: int = 32, small_stem: bool = False) -> None:
+    def __init__(self, backbone: str, head: str, low_dim: int, *, width: int = 32, small_stem: bool = False,
+                 num_heads: int = 1) -> None:
         super().__init__()
         self.backbone, dim = build_backbone(backbone, width=width, small_stem=small_stem)
-        self.head = build_head(head, dim, low_dim)
+        self.multi_head = head == "amcl"
+        self.head = MultiHead("mlp", dim, low_dim, num_heads) if self.multi_head else build_head(head, dim, low_dim)
         self.feature_dim = dim
 
+    def project(self, f: Tensor) -> Tensor:
+        """L2-normalised head embeddings of backbone features ``f``: (B, D), or (H, B, D)."""
+        return self.head(f) if self.multi_head else F.normalize(self.head(f), dim=1)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.head(self.backbone(x)), dim=1)
+        return self.project(self.backbone(x))
 
     def features(self, x: Tensor) -> Tensor:
         """Backbone features (B, feature_dim), L2-normalised (used for kNN and probes)."""
@@ -172,7 +184,8 @@ class MoCo(nn.Module):
 
     def __init__(self, backbone: str = "small_cnn", head: str = "mlp", low_dim: int = 128, *,
                  queue_size: int = 4096, momentum: float = 0.999, width: int = 32, small_stem: bool = False,
-                 key_bn: str = "own") -> None:
+                 key_bn: str = "own", num_heads: int = 3, temperature_range: tuple[float, float] = (1e-5, 2.0),
+                 temperature: float = 0.07) -> None:
         super().__init__()
         if key_bn not in KEY_BN:
             raise ValueError(f"key_bn must be one of {KEY_BN}, got {key_bn!r}")
@@ -180,14 +193,30 @@ class MoCo(nn.Module):
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.encoder_q = Encoder(backbone, head, low_dim, width=width, small_stem=small_stem)
+        self.encoder_q = Encoder(backbone, head, low_dim, width=width, small_stem=small_stem, num_heads=num_heads)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.momentum = momentum
         self.key_bn = key_bn
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, low_dim), dim=1))
+        self.multi_head = self.encoder_q.multi_head
+        self.num_heads = num_heads if self.multi_head else 1
+        shape = (num_heads, queue_size, low_dim) if self.multi_head else (queue_size, low_dim)
+        self.register_buffer("queue", F.normalize(torch.randn(*shape), dim=-1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.temperature_net: PairTemperature | None = None
+        if self.multi_head:
+            lo, hi = temperature_range
+            self.temperature_net = PairTemperature(low_dim, num_heads, lo=lo, hi=hi, init=temperature)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> MoCo:
+        """The model a run config describes (``model.*``; ``pcl.temperature`` starts the pair
+        temperatures of ``model.head: amcl``)."""
+        m = cfg.model
+        return cls(m.backbone, m.head, m.low_dim, queue_size=m.queue_size, momentum=m.momentum, width=m.width,
+                   small_stem=m.small_stem, key_bn=m.key_bn, num_heads=m.num_heads,
+                   temperature_range=(m.temperature_range[0], m.temperature_range[1]), temperature=cfg.pcl.temperature)
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -205,20 +234,22 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
-        """Write ``keys`` (n, D) into the ring buffer, wrapping around; any n works."""
-        q = self.queue.shape[0]
+        """Write ``keys`` (n, D) into the ring buffer, wrapping around; any n works. With several
+        heads, keys are (H, n, D) and each head's go into its own queue at the same positions."""
+        q = self.queue.shape[-2]
+        n = keys.shape[-2]
         keys = keys.detach().to(self.queue.dtype)
-        if keys.shape[0] >= q:
-            self.queue.copy_(keys[-q:])
+        if n >= q:
+            self.queue.copy_(keys[..., n - q:, :])
             self.queue_ptr.zero_()
             return
-        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % q
-        self.queue[idx] = keys
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % q)
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % q
+        self.queue[..., idx, :] = keys
+        self.queue_ptr.copy_((self.queue_ptr + n) % q)
 
     @torch.no_grad()
     def keys(self, im_k: Tensor, *, bn_splits: int = 1, generator: torch.Generator | None = None) -> Tensor:
-        """Key embeddings (B, D) from the momentum encoder.
+        """Key embeddings (B, D) from the momentum encoder ((H, B, D) with several heads).
 
         With ``bn_splits > 1`` (in training mode) the batch is shuffled and encoded in that many
         sub-batches, then un-shuffled: each key's batch-norm statistics come from a different set
@@ -229,9 +260,15 @@ class MoCo(nn.Module):
             return self.encoder_k(im_k)
         perm = torch.randperm(b, generator=generator).to(im_k.device)
         parts = [self.encoder_k(chunk) for chunk in im_k[perm].chunk(bn_splits)]
-        k = torch.empty((b, parts[0].shape[1]), dtype=parts[0].dtype, device=im_k.device)
-        k[perm] = torch.cat(parts)
+        joined = torch.cat(parts, dim=-2)
+        k = torch.empty_like(joined)
+        k[..., perm, :] = joined
         return k
+
+    def proto_view(self, z: Tensor, proto_head: int) -> Tensor:
+        """The embeddings clustering and the prototype losses read: ``z`` (B, D) itself for one
+        head, head ``proto_head``'s (B, D) of multi-head ``z`` (H, B, D)."""
+        return z[proto_head] if self.multi_head else z
 
     def forward(self, im_q: Tensor, im_k: Tensor, *, bn_splits: int = 1,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

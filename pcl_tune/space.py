@@ -933,7 +933,8 @@ def validate_space(space: SearchSpace) -> None:
     if space.asha and space.grace_period > max_t:
         raise ld.fail("asha.grace_period", space.grace_period, f"<= asha.max_t ({max_t})")
     levels = {s.num_levels for s in schedules}
-    known = set(reported_metrics(max(levels)))
+    heads = [int(v) for v in all_values(space, "model.num_heads")] if "amcl" in all_values(space, "model.head") else [0]
+    known = set(reported_metrics(max(levels), max(heads)))
     if space.metric not in known:
         raise ld.fail("objective.metric", space.metric, f"a metric the loop reports: {', '.join(sorted(known))}")
     for m in space.ablation_metrics:

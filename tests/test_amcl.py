@@ -1,17 +1,27 @@
-"""The multi-head, pair-tempered InfoNCE of adaptive multi-head contrastive learning
+"""Adaptive multi-head contrastive learning (``model.head: amcl``): the pair-tempered InfoNCE
 (:func:`pcl_tune.losses.amcl_info_nce`) against a slow reference written one pair at a time, its
-reduction to :func:`pcl_tune.losses.info_nce`, and the temperature penalty on a toy problem."""
+reduction to :func:`pcl_tune.losses.info_nce`, the temperature penalty on a toy problem, the
+modules, the config keys, and runs: per-head metrics, exact resume, two gloo ranks."""
 
 from __future__ import annotations
 
 import math
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_ranks, straight_and_resumed, tiny_settings
 from torch import Tensor
 
+from pcl_tune.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE
+from pcl_tune.config import ConfigError, config_from_dict
 from pcl_tune.losses import amcl_info_nce, info_nce, temperature_penalty
+from pcl_tune.metrics import head_names
+from pcl_tune.train import train_loop
 
 F64 = torch.float64
 
@@ -180,3 +190,134 @@ def test_pair_temperature_starts_at_init_stays_in_range_and_learns() -> None:
     for bad in ((0.0, 1.0, 0.5), (0.5, 0.2, 0.3), (0.1, 1.0, 2.0)):
         with pytest.raises(ValueError, match="temperature"):
             PairTemperature(8, 2, lo=bad[0], hi=bad[1], init=bad[2])
+
+
+# --------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"model.num_heads": 0}, r"key 'model.num_heads': got 0, expected an integer >= 1"),
+    ({"model.temperature_range": [0.5, 0.1]}, r"key 'model.temperature_range'.*0 < lo < hi"),
+    ({"model.temperature_range": [0.0, 1.0]}, r"key 'model.temperature_range'"),
+    ({"pcl.proto_head": 3}, r"key 'pcl.proto_head': got 3, expected a head index in \[0, 2\]"),
+    ({"pcl.amcl_beta": -0.1}, r"key 'pcl.amcl_beta'"),
+    ({"model.head": "amcl", "pcl.temperature": 5.0}, r"key 'pcl.temperature'.*inside model.temperature_range"),
+])
+def test_wrong_amcl_settings_get_one_line_naming_the_key(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        config_from_dict(changes)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- runs
+
+def _amcl_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    return tiny_settings({"model.head": "amcl", "model.num_heads": 2, "pcl.warmup_epochs": 1, "epochs": 3,
+                          "pcl.proto_head": 1, **(changes or {})})
+
+
+NOT_REPRODUCIBLE = ("time_", "images_per_s")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and (math.isnan(a) or math.isnan(b)):
+        return math.isnan(a) and math.isnan(b)
+    return bool(a == b)
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    assert set(a) == set(b)
+    return {k: (a[k], b[k]) for k in a if not k.startswith(NOT_REPRODUCIBLE) and not _same(a[k], b[k])}
+
+
+def test_a_multi_head_run_reports_every_head_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    cfg = _amcl_settings()
+    straight = train_loop(cfg, out_dir=tmp_path / "straight", verbose=False)
+    for record in straight:
+        for name in head_names(2):
+            assert name in record and math.isfinite(record[name]), name
+        lo, hi = 1e-5, 2.0
+        for h in range(2):
+            assert lo <= record[f"tau_pos_p10_head_{h}"] <= record[f"tau_pos_mean_head_{h}"] * 1.0001
+            assert record[f"tau_pos_p90_head_{h}"] <= hi
+        assert record["loss_inst"] == pytest.approx(record["loss_inst_head_0"] + record["loss_inst_head_1"], rel=1e-6)
+    assert math.isfinite(straight[-1]["loss_proto"]) and math.isfinite(straight[-1]["nmi"])
+    ckpt = tmp_path / "resumed" / CHECKPOINT_DIR
+    train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, max_epochs=1)
+    resumed = train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, resume_from=ckpt)
+    for epoch in range(3):
+        assert _differences(straight[epoch], resumed[epoch]) == {}, epoch
+    ends = [torch.load(tmp_path / r / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=True) for r in ("straight", "resumed")]
+    model = ends[0]["model"]
+    assert model["queue"].shape == (2, 256, 128)  # (heads, queue_size, low_dim) of the tiny run
+    assert any(k.startswith("temperature_net.") for k in model)
+    for name, value in model.items():
+        assert torch.equal(value, ends[1]["model"][name]), name
+    # the temperature network was trained: its zero-initialised weights moved
+    assert model["temperature_net.weight"].abs().sum() > 0
+
+
+def test_one_head_without_the_penalty_trains_exactly_like_the_mlp_head_until_the_temperatures_move(
+        tmp_path: Path) -> None:
+    """Same seed, one head, beta 0: the first step's loss is InfoNCE at pcl.temperature exactly
+    (every pair starts there), so epoch 1's instance loss is close to the plain run's (the
+    temperature network then learns, and the two runs part)."""
+    plain = train_loop(tiny_settings({"epochs": 1}), out_dir=tmp_path / "plain", verbose=False)
+    one = train_loop(tiny_settings({"epochs": 1, "model.head": "amcl", "model.num_heads": 1, "pcl.amcl_beta": 0.0}),
+                     out_dir=tmp_path / "one", verbose=False)
+    assert one[0]["loss_inst"] == pytest.approx(plain[0]["loss_inst"], rel=0.05)
+    assert one[0]["loss_inst_head_0"] == one[0]["loss_inst"]
+
+
+def test_a_multi_head_checkpoint_evaluates_and_exports_its_backbone(tmp_path: Path) -> None:
+    from pcl_tune.evaluate.encoder import extract_features, load_encoder
+    from pcl_tune.export import load_backbone
+
+    train_loop(_amcl_settings({"epochs": 1, "model.backbone": "resnet18", "model.small_stem": True, "data.subset": 64,
+                               "model.queue_size": 32, "model.low_dim": 16}), out_dir=tmp_path, verbose=False)
+    loaded = load_encoder(tmp_path / CHECKPOINT_DIR, device="cpu")
+    assert loaded.encoder.multi_head and len(loaded.encoder.head.heads) == 2
+    feats = extract_features(loaded, loaded.data.val)
+    assert feats.shape[0] == len(loaded.data.val) and torch.isfinite(feats).all()
+    backbone = load_backbone(tmp_path / CHECKPOINT_DIR, allow_small_stem=True)
+    assert backbone.arch == "resnet18"
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        cfg = _amcl_settings({"data.subset": 64, "optim.batch_size": 16, "model.width": 4, "model.low_dim": 16,
+                              "model.queue_size": 32, "clustering.niter": 5, "pcl.cluster_schedule": "3,5",
+                              "eval.batch_size": 16})
+        res = straight_and_resumed(cfg, Path(out_file).parent)
+        res["weights"] = torch.load(Path(out_file).parent / "straight" / CHECKPOINT_DIR / CHECKPOINT_FILE,
+                                    weights_only=True)["model"] if rank == 0 else None
+        from pcl_tune.train.state import RunState
+
+        run = RunState.build(config_from_dict(cfg))
+        run.resume(Path(out_file).parent / "straight" / CHECKPOINT_DIR)
+        res["temperature_net"] = {k: v.clone() for k, v in run.model.temperature_net.state_dict().items()}
+        torch.save(res, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_agree_and_resume_exactly(tmp_path: Path) -> None:
+    """Two ranks: the temperature network is outside DDP and its gradients are averaged by hand;
+    had they not been, the ranks' networks would differ. Both ranks' histories are equal, and
+    stopped after the warm-up and resumed they equal the straight run."""
+    r0, r1 = run_ranks(__file__, 2, tmp_path, timeout=300)
+    for name, value in r0["temperature_net"].items():
+        assert torch.equal(value, r1["temperature_net"][name]), name
+    assert r0["temperature_net"]["weight"].abs().sum() > 0
+    for r in (r0, r1):
+        for epoch in range(3):
+            assert _differences(r["straight"][epoch], r["resumed"][epoch]) == {}, epoch
+    assert [m["loss_inst_head_0"] for m in r0["straight"]] == [m["loss_inst_head_0"] for m in r1["straight"]]
+
+
+if __name__ == "__main__":
+    _ddp_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

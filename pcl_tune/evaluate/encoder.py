@@ -55,8 +55,7 @@ def load_encoder(checkpoint: str | os.PathLike[str], *, overrides: dict[str, Any
     dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     m = cfg.model
     torch.manual_seed(cfg.seed)
-    model = MoCo(m.backbone, m.head, m.low_dim, queue_size=m.queue_size, momentum=m.momentum, width=m.width,
-                 small_stem=m.small_stem)
+    model = MoCo.from_config(cfg)
     if not random_init:
         detail = weights_mismatch(model.state_dict(), state["model"])
         if detail is None:

@@ -46,16 +46,13 @@ def build_config(config_file: str | None, overrides: list[str], epochs: int | No
 def check_weights_fit(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None:
     """The checkpoint's weights load into the model ``cfg`` builds (shapes compared on the meta
     device, nothing allocated); raises :class:`CheckpointError` naming the first difference."""
-    import inspect
-
     import torch
 
     from ..model import MoCo
 
     m = cfg.model.__dict__
-    accepted = inspect.signature(MoCo).parameters
     with torch.device("meta"):
-        ref = MoCo(**{k: v for k, v in m.items() if k in accepted}).state_dict()
+        ref = MoCo.from_config(cfg).state_dict()
     detail = weights_mismatch(ref, state["model"])
     if detail is None:
         return

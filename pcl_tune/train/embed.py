@@ -23,7 +23,8 @@ def embed(run: RunState, dataset: ImageDataset, *, head: bool, backbone: bool) -
     """Eval-view embeddings of a whole dataset, identical on every rank.
 
     Returns:
-        (head embeddings of the key encoder (N, low_dim), or None unless ``head``;
+        (head embeddings of the key encoder (N, low_dim; ``pcl.proto_head``'s with several
+        heads), or None unless ``head``;
         backbone features of the judged encoder (``eval.encoder``) (N, F), or None unless
         ``backbone``), both L2-normalised, row i for sample i.
     """
@@ -42,12 +43,12 @@ def embed(run: RunState, dataset: ImageDataset, *, head: bool, backbone: bool) -
             if judged is key_enc:  # one backbone pass serves both outputs
                 f = key_enc.backbone(x)
                 if head:
-                    heads.append(F.normalize(key_enc.head(f).float(), dim=1))
+                    heads.append(model.proto_view(key_enc.project(f), cfg.pcl.proto_head).float())
                 if backbone:
                     feats.append(F.normalize(f.float(), dim=1))
             else:
                 if head:
-                    heads.append(key_enc(x).float())
+                    heads.append(model.proto_view(key_enc(x), cfg.pcl.proto_head).float())
                 if backbone:
                     feats.append(judged.features(x).float())
     model.train(was_training)

@@ -6,18 +6,40 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
 from .. import faults
 from ..data import iterate_batches
-from ..losses import LevelBatch, pcl_loss
+from ..losses import LevelBatch, amcl_info_nce_heads, pcl_loss
 from .prototypes import EpochClusters
 from .state import RunState, step_batch_sizes
 
 
 class TrainingDiverged(RuntimeError):
     """Raised when the loss becomes NaN or infinite; the message names the epoch and batch."""
+
+
+def multi_head_instance(run: RunState, q: Tensor, k: Tensor) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
+    """The instance term of a multi-head run (``model.head: amcl``): the heads' summed tempered
+    InfoNCE with the temperature penalty (:func:`~pcl_tune.losses.amcl_info_nce_heads`), its
+    mean accuracy, and per-head parts: ``loss_inst_head_{h}``, ``acc_inst_head_{h}`` and the mean,
+    10th and 90th percentile of the head's positive-pair temperatures."""
+    model, cfg = run.model, run.cfg
+    assert model.temperature_net is not None
+    temps = model.temperature_net(q, k, model.queue)
+    losses, accs = amcl_info_nce_heads(q, k, model.queue, temps, beta=cfg.pcl.amcl_beta, prior=cfg.pcl.temperature)
+    parts: dict[str, Tensor] = {}
+    pos = temps[:, :, 0].detach().float()
+    quantiles = torch.quantile(pos, torch.tensor([0.1, 0.9], device=pos.device), dim=1)  # (2, H)
+    for h in range(losses.shape[0]):
+        parts[f"loss_inst_head_{h}"] = losses[h].detach()
+        parts[f"acc_inst_head_{h}"] = accs[h]
+        parts[f"tau_pos_mean_head_{h}"] = pos[h].mean()
+        parts[f"tau_pos_p10_head_{h}"] = quantiles[0, h]
+        parts[f"tau_pos_p90_head_{h}"] = quantiles[1, h]
+    return (losses.sum(), accs.mean()), parts
 
 
 def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> dict[str, float]:
@@ -60,7 +82,7 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
         im_k = run.augment(images, run.aug_gen).contiguous(memory_format=torch.channels_last)
         model.momentum_update()
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
-            q = F.normalize(run.query_net(im_q).float(), dim=1)
+            q = F.normalize(run.query_net(im_q).float(), dim=-1)
             k = model.keys(im_k, bn_splits=cfg.model.bn_splits, generator=run.aug_gen).float()
         levels = []
         step_index = None
@@ -74,8 +96,13 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
                                  batch_assignment=None if step_index is None else lv.assignment[step_index],
                                  row_offset=offset)
                       for lv in clusters.levels]
-        loss, parts = pcl_loss(q, k, model.queue, levels, temperature=cfg.pcl.temperature, config=run.proto_cfg,
-                               proto_weight=cfg.pcl.proto_weight, generator=run.neg_gen)
+        instance, head_parts = None, {}
+        if model.multi_head:
+            instance, head_parts = multi_head_instance(run, q, k)
+        loss, parts = pcl_loss(model.proto_view(q, cfg.pcl.proto_head), k, model.queue, levels,
+                               temperature=cfg.pcl.temperature, config=run.proto_cfg,
+                               proto_weight=cfg.pcl.proto_weight, generator=run.neg_gen, instance=instance)
+        parts.update(head_parts)
         if cfg.inject_nan_epoch == epoch + 1 and run.rank == 0:  # (tests only: a run that diverges here)
             loss = loss * float("nan")
         # Every rank agrees before backward: one rank stopping alone would leave the others
@@ -88,13 +115,17 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
                                    f"(lr {lr:.4g}); lower optim.lr or check the temperatures")
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if model.temperature_net is not None:
+            dist_utils.average_gradients(model.temperature_net)
         run.optimizer.step()
-        keys = dist_utils.all_gather_cat(k.detach())  # the global batch's keys, in rank order
+        # The global batch's keys, in rank order (several heads: gathered along the batch dimension).
+        keys = (dist_utils.all_gather_cat(k.detach().transpose(0, 1).contiguous()).transpose(0, 1)
+                if model.multi_head else dist_utils.all_gather_cat(k.detach()))
         model.enqueue(keys)
         if run.bank is not None:  # every rank writes the global batch's rows: the banks stay equal
             if run.world > 1:  # the global batch's indices, in rank order as the keys (gathered above with clusters)
                 index = step_index if step_index is not None else dist_utils.all_gather_cat(index.to(run.device))
-            run.bank.update(index, keys)
+            run.bank.update(index, model.proto_view(keys, cfg.pcl.proto_head))
         for key, v in parts.items():
             sums[key] = sums.get(key, 0.0) + float(v)
         seen += images.shape[0]

@@ -93,7 +93,7 @@ class Trainer:
         metrics[M.CLUSTERS_KEY] = ",".join(str(c) for c in counts) if clusters else ""
         metrics.update(time_features=t_feat, time_clustering=t_clu, time_train=t_train, time_eval=t_eval,
                        time_epoch=time.perf_counter() - t_start)
-        return M.complete(metrics, run.schedule.num_levels)
+        return M.complete(metrics, run.schedule.num_levels, run.model.num_heads if run.model.multi_head else 0)
 
 
 def format_epoch_line(m: dict[str, Any]) -> str:

@@ -135,8 +135,7 @@ class RunState:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         m = cfg.model
-        model = MoCo(m.backbone, m.head, m.low_dim, queue_size=m.queue_size, momentum=m.momentum,
-                     width=m.width, small_stem=m.small_stem, key_bn=m.key_bn).to(device)
+        model = MoCo.from_config(cfg).to(device)
         if device.type == "cuda" or m.backbone == "small_cnn":
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         query_net: torch.nn.Module = model.encoder_q
@@ -144,8 +143,10 @@ class RunState:
             ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
             query_net = torch.nn.parallel.DistributedDataParallel(model.encoder_q, **ddp_kwargs)
         o = cfg.optim
-        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=o.lr, momentum=o.momentum,
-                                    weight_decay=o.weight_decay)
+        trained = list(model.encoder_q.parameters())
+        if model.temperature_net is not None:  # its gradients are averaged over ranks by hand (not in DDP)
+            trained += list(model.temperature_net.parameters())
+        optimizer = torch.optim.SGD(trained, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o, cfg.epochs))
         augment = MoCoV2Augment(data.image_size, data.mean, data.std,
                                 scale=(augment_setting(cfg, "crop_min_scale"), 1.0),
