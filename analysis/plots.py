@@ -315,8 +315,43 @@ def comparison(table: pd.DataFrame, group: str, row: str | None, metric: str, pa
     return _save(fig, path)
 
 
-__all__ = ["best_so_far", "comparison", "importance_bars", "objective_vs_epoch", "param_effects",
-           "proto_levels"]
+def head_temperatures(exp: Experiment, path: Path) -> Path | None:
+    """Multi-head runs (``model.head: amcl``): per head, the positive pairs' temperature over epochs
+    (each trial's mean as a line, its 10th-90th percentile as a band) and the head's instance
+    accuracy; None when no trial reports them. A temperature sliding to the range's lower end is
+    the collapse the penalty is there to prevent."""
+    ep = exp.epochs
+    heads = _levels(ep.columns, "tau_pos_mean_head")
+    if not heads or not any(ep[f"tau_pos_mean_head_{h}"].notna().any() for h in heads):
+        return None
+    fig, axes = _subplots(1, 2, figsize=(11, 4.2))
+    colors = _colors(len(heads))
+    for color, h in zip(colors, heads):
+        cols = [f"tau_pos_mean_head_{h}", f"tau_pos_p10_head_{h}", f"tau_pos_p90_head_{h}", f"acc_inst_head_{h}"]
+        first = True
+        for _, g in ep.dropna(subset=[cols[0]]).groupby("trial_id"):
+            g = g.sort_values("epoch")
+            axes[0].plot(g["epoch"], g[cols[0]], "-", color=color, lw=1.2, label=f"head {h}" if first else None)
+            if cols[1] in g and cols[2] in g:
+                axes[0].fill_between(g["epoch"], g[cols[1]], g[cols[2]], color=color, alpha=0.12, lw=0)
+            if cols[3] in g:
+                axes[1].plot(g["epoch"], g[cols[3]], "-", color=color, lw=1.2)
+            first = False
+    axes[0].set_ylabel("positive-pair temperature (mean; band p10-p90)")
+    _log_y(axes[0])
+    axes[1].set_ylabel(metric_label("acc_inst_head_0").replace("_0", "_h"))
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.suptitle("multi-head runs: each head's temperatures and instance accuracy, one line per trial", fontsize=10)
+    axes[0].legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ = ["best_so_far", "comparison", "head_temperatures", "importance_bars", "objective_vs_epoch",
+           "param_effects", "proto_levels"]
 
 
 def pbt_schedules(exp: Experiment, path: Path) -> Path | None:

@@ -86,6 +86,9 @@ def make_figures(exp: Experiment, imp: Importance, folder: Path) -> Figures:
         **_search_figures(exp, imp, folder),
         "proto_levels": _img(plots.proto_levels(exp, folder / "proto_levels.png"),
                              "acc_proto_i (%) and loss_proto_i per level over epochs"),
+        "head_temperatures": _img(plots.head_temperatures(exp, folder / "head_temperatures.png"),
+                                  "Multi-head runs: each head's positive-pair temperatures and instance accuracy "
+                                  "per epoch"),
     }
     orders = exp.choice_orders()
     comparisons = exp.comparisons()
@@ -339,6 +342,8 @@ def _trials_section(exp: Experiment, figs: Figures, saved: list[Path]) -> list[B
     blocks = []
     if figs.get("proto_levels") is not None:
         blocks += [Block("h2", "Prototype metrics per clustering level"), figs["proto_levels"]]
+    if figs.get("head_temperatures") is not None:
+        blocks += [Block("h2", "Projection heads: temperatures and instance accuracy"), figs["head_temperatures"]]
     t = exp.trials
     cols = ["trial_id", "status", "epochs", "best_epoch", exp.objective_col, f"last_{exp.metric}", "wall_time_s"]
     cols = [c for c in cols + exp.params + ["error"] if c in t.columns]

@@ -282,6 +282,21 @@ def test_a_multi_head_checkpoint_evaluates_and_exports_its_backbone(tmp_path: Pa
     assert backbone.arch == "resnet18"
 
 
+def test_the_report_plots_each_heads_temperatures_from_the_epoch_records(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from analysis import plots
+
+    records = train_loop(_amcl_settings({"epochs": 2}), out_dir=tmp_path / "run", verbose=False)
+    epochs = pd.DataFrame([{**r, "trial_id": "a"} for r in records])
+    out = plots.head_temperatures(SimpleNamespace(epochs=epochs), tmp_path / "heads.png")  # type: ignore[arg-type]
+    assert out is not None and out.stat().st_size > 10_000
+    single = epochs.drop(columns=[c for c in epochs.columns if "_head_" in c])
+    assert plots.head_temperatures(SimpleNamespace(epochs=single), tmp_path / "none.png") is None  # type: ignore[arg-type]
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
