@@ -175,9 +175,10 @@ class PCLConfig:
     amcl_beta: float = 0.1
     """model.head amcl: weight of the temperature penalty (pcl_tune.losses.temperature_penalty,
     zero at ``pcl.temperature``)."""
-    proto_head: int = 0
-    """model.head amcl: the index of the head whose embeddings are clustered and take the prototype
-    loss (each head clustered on its own, ``all``, is not built yet)."""
+    proto_head: Any = 0
+    """model.head amcl: the head whose embeddings are clustered and take the prototype loss (an
+    index), or ``all``: each head clustered on its own and the prototype loss averaged over the
+    heads (clustering costs ``num_heads`` times as much)."""
 
 
 @dataclass
@@ -451,9 +452,10 @@ def _validate_amcl(cfg: TrainConfig) -> None:
         raise ConfigError(f"key 'model.temperature_range': got {rng!r}, expected [lo, hi] with 0 < lo < hi")
     if p.amcl_beta < 0:
         raise ConfigError(f"key 'pcl.amcl_beta': got {p.amcl_beta!r}, expected a value >= 0")
-    if not 0 <= p.proto_head < m.num_heads:
-        raise ConfigError(f"key 'pcl.proto_head': got {p.proto_head!r}, expected a head index in "
-                          f"[0, {m.num_heads - 1}] (model.num_heads)")
+    head = p.proto_head
+    if head != "all" and (isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < m.num_heads):
+        raise ConfigError(f"key 'pcl.proto_head': got {head!r}, expected a head index in [0, {m.num_heads - 1}] "
+                          "(model.num_heads) or 'all'")
     if m.head == "amcl" and not rng[0] < p.temperature < rng[1]:
         raise ConfigError(f"key 'pcl.temperature': got {p.temperature!r}, expected a value inside "
                           f"model.temperature_range {rng!r} (model.head amcl starts every pair there)")

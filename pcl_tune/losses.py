@@ -5,7 +5,8 @@
   bug of the reference code fixed (``duplicates="dedupe"``), the report's label remap
   (``"remap"``) and the reference behaviour (``"none"``) kept for comparison.
 * :func:`topk_prototype_loss` - the researcher's top-K weighted pull + margin push loss.
-* :func:`pcl_loss` - InfoNCE + mean over clustering levels of the per-level prototype loss.
+* :func:`pcl_loss` - InfoNCE + mean over clustering levels of the per-level prototype loss
+  (:func:`prototype_loss`).
 * :func:`amcl_info_nce` - InfoNCE over several projection heads with a temperature per head and
   per pair, plus a penalty that keeps the temperatures off the trivial solution (adaptive
   multi-head contrastive learning, Wang, Koniusz, Gedeon and Zheng, ECCV 2024).
@@ -480,29 +481,47 @@ def pcl_loss(
     parts: dict[str, Tensor] = {"loss_inst": loss_inst.detach(), "acc_inst": acc_inst.detach()}
     total = loss_inst
     if levels:
-        level_losses = []
-        level_accs = []
-        for i, level in enumerate(levels):
-            num_clusters = level.prototypes.shape[0]
-            if config.level_kind(num_clusters) == "topk":
-                loss_i = topk_prototype_loss(
-                    q, level.prototypes, min(config.k, num_clusters), config.lam, config.alpha,
-                    weighting=config.weighting, push_reduction=config.push_reduction,
-                )
-                acc_i = topk_accuracy_proxy(q.detach(), level.prototypes, level.assignment)
-            else:
-                loss_i, acc_i = proto_nce(
-                    q, level.prototypes, level.assignment, level.concentration, config.num_negatives,
-                    duplicates=config.duplicates, generator=generator,
-                    batch_assignment=level.batch_assignment, row_offset=level.row_offset,
-                )
-            parts[f"loss_proto_{i}"] = loss_i.detach()
-            parts[f"acc_proto_{i}"] = acc_i
-            level_losses.append(loss_i)
-            level_accs.append(acc_i)
-        loss_proto = torch.stack(level_losses).mean()
-        parts["loss_proto"] = loss_proto.detach()
-        parts["acc_proto"] = torch.stack(level_accs).mean()
+        loss_proto, proto_parts = prototype_loss(q, levels, config=config, generator=generator)
+        parts.update(proto_parts)
         total = total + proto_weight * loss_proto
     parts["loss"] = total.detach()
     return total, parts
+
+
+def prototype_loss(
+    q: Tensor,
+    levels: Sequence[LevelBatch],
+    *,
+    config: PrototypeLossConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The mean over clustering levels of each level's prototype loss (ProtoNCE or top-K, as
+    ``config`` says for the level's count), and its detached parts: ``loss_proto``, ``acc_proto``
+    (means over levels) and ``loss_proto_{i}``, ``acc_proto_{i}`` per level ``i``."""
+    if not levels:
+        raise ValueError("prototype_loss needs at least one clustering level")
+    parts: dict[str, Tensor] = {}
+    level_losses = []
+    level_accs = []
+    for i, level in enumerate(levels):
+        num_clusters = level.prototypes.shape[0]
+        if config.level_kind(num_clusters) == "topk":
+            loss_i = topk_prototype_loss(
+                q, level.prototypes, min(config.k, num_clusters), config.lam, config.alpha,
+                weighting=config.weighting, push_reduction=config.push_reduction,
+            )
+            acc_i = topk_accuracy_proxy(q.detach(), level.prototypes, level.assignment)
+        else:
+            loss_i, acc_i = proto_nce(
+                q, level.prototypes, level.assignment, level.concentration, config.num_negatives,
+                duplicates=config.duplicates, generator=generator,
+                batch_assignment=level.batch_assignment, row_offset=level.row_offset,
+            )
+        parts[f"loss_proto_{i}"] = loss_i.detach()
+        parts[f"acc_proto_{i}"] = acc_i
+        level_losses.append(loss_i)
+        level_accs.append(acc_i)
+    loss_proto = torch.stack(level_losses).mean()
+    parts["loss_proto"] = loss_proto.detach()
+    parts["acc_proto"] = torch.stack(level_accs).mean()
+    return loss_proto, parts

@@ -265,10 +265,19 @@ class MoCo(nn.Module):
         k[..., perm, :] = joined
         return k
 
-    def proto_view(self, z: Tensor, proto_head: int) -> Tensor:
-        """The embeddings clustering and the prototype losses read: ``z`` (B, D) itself for one
-        head, head ``proto_head``'s (B, D) of multi-head ``z`` (H, B, D)."""
-        return z[proto_head] if self.multi_head else z
+    def proto_view(self, z: Tensor, proto_head: int | str) -> Tensor:
+        """The embeddings clustering reads, one row per image: ``z`` (B, D) itself for one head;
+        of multi-head ``z`` (H, B, D), head ``proto_head``'s (B, D), or with ``"all"`` every head's
+        side by side (B, H * D), which :meth:`split_heads` takes apart."""
+        if not self.multi_head:
+            return z
+        if proto_head == "all":
+            return z.transpose(0, 1).reshape(z.shape[1], -1)
+        return z[int(proto_head)]
+
+    def split_heads(self, rows: Tensor) -> list[Tensor]:
+        """(N, H * D) rows of :meth:`proto_view` with ``"all"`` -> each head's (N, D)."""
+        return list(rows.view(rows.shape[0], self.num_heads, -1).unbind(1))
 
     def forward(self, im_q: Tensor, im_k: Tensor, *, bn_splits: int = 1,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

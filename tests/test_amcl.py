@@ -198,7 +198,8 @@ def test_pair_temperature_starts_at_init_stays_in_range_and_learns() -> None:
     ({"model.num_heads": 0}, r"key 'model.num_heads': got 0, expected an integer >= 1"),
     ({"model.temperature_range": [0.5, 0.1]}, r"key 'model.temperature_range'.*0 < lo < hi"),
     ({"model.temperature_range": [0.0, 1.0]}, r"key 'model.temperature_range'"),
-    ({"pcl.proto_head": 3}, r"key 'pcl.proto_head': got 3, expected a head index in \[0, 2\]"),
+    ({"pcl.proto_head": 3}, r"key 'pcl.proto_head': got 3, expected a head index in \[0, 2\].*or 'all'"),
+    ({"pcl.proto_head": "first"}, r"key 'pcl.proto_head': got 'first'"),
     ({"pcl.amcl_beta": -0.1}, r"key 'pcl.amcl_beta'"),
     ({"model.head": "amcl", "pcl.temperature": 5.0}, r"key 'pcl.temperature'.*inside model.temperature_range"),
 ])
@@ -280,6 +281,34 @@ def test_a_multi_head_checkpoint_evaluates_and_exports_its_backbone(tmp_path: Pa
     assert feats.shape[0] == len(loaded.data.val) and torch.isfinite(feats).all()
     backbone = load_backbone(tmp_path / CHECKPOINT_DIR, allow_small_stem=True)
     assert backbone.arch == "resnet18"
+
+
+def test_all_heads_cluster_each_head_on_its_own_and_resume_bit_for_bit(tmp_path: Path) -> None:
+    """``pcl.proto_head: all``: the clustering of each head equals clustering that head's
+    embeddings alone (the side-by-side rows split back in order), the heads' clusterings differ,
+    and a run with a feature bank resumes to the straight run's records and weights."""
+    from pcl_tune.train import embed, on_epoch_start
+    from pcl_tune.train.state import RunState
+
+    cfg = _amcl_settings({"pcl.proto_head": "all", "clustering.features": "bank"})
+    run = RunState.build(config_from_dict(cfg))
+    side_by_side, _ = embed(run, run.data.train, head=True, backbone=False)
+    assert side_by_side is not None and side_by_side.shape == (len(run.data.train), 2 * 128)
+    clusters = on_epoch_start(run, 1, side_by_side)
+    assert clusters.heads is not None and len(clusters.heads) == 2
+    for h in range(2):
+        run.cfg.pcl.proto_head = h
+        alone, _ = embed(run, run.data.train, head=True, backbone=False)
+        assert alone is not None
+        for a, b in zip(on_epoch_start(run, 1, alone).levels, clusters.heads[h]):
+            assert torch.equal(a.assignment, b.assignment) and torch.equal(a.centroids, b.centroids)
+    assert not torch.equal(clusters.heads[0][0].centroids, clusters.heads[1][0].centroids)
+    straight = train_loop(cfg, out_dir=tmp_path / "straight", verbose=False)
+    train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, max_epochs=2)
+    resumed = train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, resume_from=tmp_path / "resumed" / CHECKPOINT_DIR)
+    for epoch in range(3):
+        assert _differences(straight[epoch], resumed[epoch]) == {}, epoch
+    assert math.isfinite(straight[-1]["loss_proto"])
 
 
 def test_the_report_plots_each_heads_temperatures_from_the_epoch_records(tmp_path: Path) -> None:

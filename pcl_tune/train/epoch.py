@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist_utils
 from .. import faults
 from ..data import iterate_batches
-from ..losses import LevelBatch, amcl_info_nce_heads, pcl_loss
+from ..losses import LevelBatch, amcl_info_nce_heads, pcl_loss, prototype_loss
 from .prototypes import EpochClusters
 from .state import RunState, step_batch_sizes
 
@@ -40,6 +40,27 @@ def multi_head_instance(run: RunState, q: Tensor, k: Tensor) -> tuple[tuple[Tens
         parts[f"tau_pos_p10_head_{h}"] = quantiles[0, h]
         parts[f"tau_pos_p90_head_{h}"] = quantiles[1, h]
     return (losses.sum(), accs.mean()), parts
+
+
+def all_heads_loss(run: RunState, q: Tensor, instance: tuple[Tensor, Tensor] | None,
+                   head_levels: list[list[LevelBatch]]) -> tuple[Tensor, dict[str, Tensor]]:
+    """``pcl.proto_head: all``: the instance term plus ``proto_weight`` times the mean over heads of
+    each head's prototype loss on its own clustering; the prototype parts are means over heads."""
+    assert instance is not None
+    loss_inst, acc_inst = instance
+    parts: dict[str, Tensor] = {"loss_inst": loss_inst.detach(), "acc_inst": acc_inst.detach()}
+    total = loss_inst
+    if head_levels:
+        losses, head_parts = [], []
+        for h, levels in enumerate(head_levels):
+            loss_h, parts_h = prototype_loss(q[h], levels, config=run.proto_cfg, generator=run.neg_gen)
+            losses.append(loss_h)
+            head_parts.append(parts_h)
+        total = total + run.cfg.pcl.proto_weight * torch.stack(losses).mean()
+        for key in head_parts[0]:
+            parts[key] = torch.stack([p[key] for p in head_parts]).mean()
+    parts["loss"] = total.detach()
+    return total, parts
 
 
 def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> dict[str, float]:
@@ -84,7 +105,8 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
             q = F.normalize(run.query_net(im_q).float(), dim=-1)
             k = model.keys(im_k, bn_splits=cfg.model.bn_splits, generator=run.aug_gen).float()
-        levels = []
+        levels: list[LevelBatch] = []
+        head_levels: list[list[LevelBatch]] = []
         step_index = None
         if clusters is not None:
             index = index.to(run.device)
@@ -92,16 +114,21 @@ def train_epoch(run: RunState, epoch: int, clusters: EpochClusters | None) -> di
             # (one process holds the whole batch: nothing to gather, nor to index twice).
             step_index = dist_utils.all_gather_cat(index) if run.world > 1 else None
             offset = dist_utils.rank() * index.numel()
-            levels = [LevelBatch(lv.centroids, lv.assignment[index], lv.concentration,
-                                 batch_assignment=None if step_index is None else lv.assignment[step_index],
-                                 row_offset=offset)
-                      for lv in clusters.levels]
+            head_levels = [[LevelBatch(lv.centroids, lv.assignment[index], lv.concentration,
+                                       batch_assignment=None if step_index is None else lv.assignment[step_index],
+                                       row_offset=offset)
+                            for lv in lvs]
+                           for lvs in (clusters.heads or [clusters.levels])]
+            levels = head_levels[0]
         instance, head_parts = None, {}
         if model.multi_head:
             instance, head_parts = multi_head_instance(run, q, k)
-        loss, parts = pcl_loss(model.proto_view(q, cfg.pcl.proto_head), k, model.queue, levels,
-                               temperature=cfg.pcl.temperature, config=run.proto_cfg,
-                               proto_weight=cfg.pcl.proto_weight, generator=run.neg_gen, instance=instance)
+        if model.multi_head and cfg.pcl.proto_head == "all":
+            loss, parts = all_heads_loss(run, q, instance, head_levels)
+        else:
+            loss, parts = pcl_loss(model.proto_view(q, cfg.pcl.proto_head), k, model.queue, levels,
+                                   temperature=cfg.pcl.temperature, config=run.proto_cfg,
+                                   proto_weight=cfg.pcl.proto_weight, generator=run.neg_gen, instance=instance)
         parts.update(head_parts)
         if cfg.inject_nan_epoch == epoch + 1 and run.rank == 0:  # (tests only: a run that diverges here)
             loss = loss * float("nan")

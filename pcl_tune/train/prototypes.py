@@ -16,14 +16,27 @@ from .state import RunState
 
 @dataclass
 class EpochClusters:
-    """The clustering of one epoch, on the training device, identical on every rank."""
+    """The clustering of one epoch, on the training device, identical on every rank.
+
+    ``levels`` is the clustering the metrics report (NMI, ...); with ``pcl.proto_head: all``,
+    ``heads`` holds every head's levels (``heads[0]`` is ``levels``) and the prototype loss uses
+    each head's own."""
 
     levels: list[ClusterLevel]
     counts: list[int]
+    heads: list[list[ClusterLevel]] | None = None
 
 
 def on_epoch_start(run: RunState, epoch: int, features: Tensor) -> EpochClusters:
-    """Cluster ``features`` (N, D), the momentum encoder's embeddings of the train set, for ``epoch``."""
+    """Cluster ``features`` (N, D), the momentum encoder's embeddings of the train set, for ``epoch``
+    (with ``pcl.proto_head: all``, (N, H * D): each head's columns clustered on their own)."""
+    if run.model.multi_head and run.cfg.pcl.proto_head == "all":
+        per_head = [_cluster(run, epoch, f.contiguous()) for f in run.model.split_heads(features)]
+        return EpochClusters(per_head[0].levels, per_head[0].counts, [c.levels for c in per_head])
+    return _cluster(run, epoch, features)
+
+
+def _cluster(run: RunState, epoch: int, features: Tensor) -> EpochClusters:
     cfg = run.cfg
     counts = run.schedule.counts(epoch, num_epochs=cfg.epochs, warmup_epochs=cfg.pcl.warmup_epochs,
                                  max_count=features.shape[0])

@@ -157,7 +157,8 @@ class RunState:
             aug_gen=torch.Generator(), neg_gen=torch.Generator(),
             proto_cfg=PrototypeLossConfig.from_config(cfg.pcl, batch_size=o.batch_size),
             amp=cfg.amp and device.type == "cuda",
-            bank=FeatureBank(len(data.train), m.low_dim, device) if cfg.clustering.features == "bank" else None,
+            bank=FeatureBank(len(data.train), m.low_dim * (model.num_heads if cfg.pcl.proto_head == "all" else 1),
+                             device) if cfg.clustering.features == "bank" else None,
         )
 
     def seed_epoch(self, epoch: int) -> None:
