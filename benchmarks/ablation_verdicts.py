@@ -41,6 +41,22 @@ def verdict_rows(exp: analysis.Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
             pd.concat(cells, ignore_index=True) if cells else pd.DataFrame())
 
 
+def time_per_epoch(exp: analysis.Experiment) -> pd.DataFrame:
+    """Per arm: the median over its trials of each trial's median seconds per epoch (``time_epoch``,
+    and its training part ``time_train``), counting only epochs after the warm-up (clustering on).
+    The arms ran side by side in one search, so their ratios are comparable; the absolute times
+    carry the machine's load."""
+    ep = exp.epochs.merge(exp.trials[["trial_id", "arm"]], on="trial_id")
+    ep = ep[ep["clusters"].astype(str).str.len() > 0] if "clusters" in ep.columns else ep
+    per_trial = ep.groupby(["arm", "trial_id"])[["time_epoch", "time_train"]].median()
+    out = per_trial.groupby("arm").median()
+    out["trials"] = per_trial.groupby("arm").size()
+    ref = exp.space.reference or next(iter(exp.space.arms), None)
+    if ref in out.index:
+        out["ratio_to_" + str(ref)] = out["time_epoch"] / out.loc[ref, "time_epoch"]
+    return out.reset_index()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", type=Path, help="ablation experiment folders")
@@ -64,7 +80,9 @@ def main() -> None:
             lines.append(f"- {r['verdict']}")
         shown = rows.drop(columns=["experiment", "verdict", "method"]).round(2) if len(rows) else rows
         lines += ["", shown.to_markdown(index=False), "", "Cells (mean over seeds, 95 % t-interval):", "",
-                  cells.drop(columns=["experiment"]).round(2).to_markdown(index=False) if len(cells) else "", ""]
+                  cells.drop(columns=["experiment"]).round(2).to_markdown(index=False) if len(cells) else "", "",
+                  "Seconds per epoch after the warm-up (median over each arm's trials of their medians):", "",
+                  time_per_epoch(exp).round(3).to_markdown(index=False), ""]
         all_rows.append(rows)
         all_cells.append(cells)
     publish("\n".join(lines), args.out, "ablation_verdicts",
