@@ -138,6 +138,12 @@ def _announce(backend: str, device: str) -> None:
         log.info("clustering backend: %s on %s", backend, device)
 
 
+def _warn_once(key: str, message: str, *args: object) -> None:
+    if key not in _announced:
+        _announced.add(key)
+        log.warning(message, *args)
+
+
 def _kmeans_faiss(
     x: np.ndarray, k: int, *, niter: int, nredo: int, seed: int, max_ppc: int, min_ppc: int, gpu: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,6 +156,12 @@ def _kmeans_faiss(
     clus.nredo = nredo
     clus.seed = seed
     clus.max_points_per_centroid = max_ppc
+    if n < k * min_ppc:
+        # faiss only warns here (on stderr, every call: once per level per epoch per trial in a
+        # search's console); say it once per (points, clusters) and let faiss run quietly.
+        _warn_once(f"few@{n}/{k}", "clustering %d points into %d clusters: fewer than %d points per cluster "
+                   "(clustering.min_points_per_centroid); the centroids are noisy", n, k, min_ppc)
+        min_ppc = max(1, n // k)
     clus.min_points_per_centroid = min_ppc
     if gpu:
         res = faiss.StandardGpuResources()

@@ -359,6 +359,8 @@ def _pbt_parts(space: SearchSpace, *, max_concurrent: int) -> tuple[dict[str, An
     if space.has_baseline:
         param_space[ARM_KEY] = None  # PCL trials carry no arm; the baseline's point sets it
         points.insert(min(1, len(points)), space.baseline_point())
+    if space.has_baseline:
+        _quiet_baseline_point(space.baseline_point())
     searcher = BasicVariantGenerator(points_to_evaluate=points or None, random_state=space.seed,
                                      max_concurrent=max_concurrent)
     cls = BoundedPB2 if b.explore == "pb2" else BoundedPBT
@@ -368,6 +370,20 @@ def _pbt_parts(space: SearchSpace, *, max_concurrent: int) -> tuple[dict[str, An
                            quantile_fraction=b.quantile, synch=False, all_live=max_concurrent >= space.total_trials(),
                            last_epoch=space.resolved_max_t())
     return param_space, searcher, scheduler
+
+
+def _quiet_baseline_point(point: dict[str, Any]) -> None:
+    """Drop Ray's "Pre-set value ... is not within valid values" warning for the MoCo v2 baseline's
+    own settings (``pcl.proto_weight: 0`` lies outside a searched range on purpose); a user's
+    out-of-range point still warns."""
+    names = tuple(f"`{v}` is not within valid values of parameter `{k}`" for k, v in point.items())
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            msg = record.getMessage()
+            return not (msg.startswith("Pre-set value") and any(n in msg for n in names))
+
+    logging.getLogger("ray.tune.search.variant_generator").addFilter(_Filter())
 
 
 def summarize(results: Any, space: SearchSpace, exp_dir: Path) -> dict[str, Any] | None:
