@@ -145,8 +145,16 @@ def _read_error(trial_dir: Path) -> tuple[str | None, str | None]:
 
 
 def _latest_checkpoint(trial_dir: Path) -> str | None:
-    ckpts = sorted(d for d in trial_dir.glob("checkpoint_*") if d.is_dir())
-    return str(ckpts[-1]) if ckpts else None
+    """The checkpoint folder written last. Not the highest-numbered: Tune numbers a trial's
+    checkpoints by a counter that a restore can set back (a Population Based Training clone
+    continues from a copied checkpoint), so an older folder Tune has not deleted yet can carry a
+    higher number than the newest."""
+    def written(d: Path) -> tuple[float, str]:
+        times = [f.stat().st_mtime for f in d.iterdir() if f.is_file()]
+        return (max(times) if times else d.stat().st_mtime, d.name)
+
+    ckpts = [d for d in trial_dir.glob("checkpoint_*") if d.is_dir()]
+    return str(max(ckpts, key=written)) if ckpts else None
 
 
 def read_trial(trial_dir: Path, state: TrialState | None, notes: Notes) -> RawTrial:

@@ -193,7 +193,8 @@ class BoundedPBT(PopulationBasedTraining):
       which settings) goes to ``pbt_lineage/`` in the experiment folder
       (:mod:`pcl_tune.pbt`); the analysis rebuilds each trial's learned schedule from it.
     * **Not at the last epoch** (``last_epoch``): stock PBT also perturbs a trial at its final
-      report, sending it back to a donor's earlier checkpoint to redo epochs for nothing.
+      report, sending it back to a donor's earlier checkpoint to redo epochs for nothing; and never
+      from a donor that has finished (its final checkpoint leaves the clone nothing to train).
     * **Baseline**: the MoCo v2 trial (``arm: moco_v2``) is never compared, cloned or perturbed,
       so it runs its own settings for the full budget like any baseline.
     """
@@ -248,6 +249,12 @@ class BoundedPBT(PopulationBasedTraining):
         if latest is None or latest.checkpoint is None:
             log.info("PBT: trial %s has no checkpoint yet; trial %s is not cloned this round", donor.trial_id,
                      trial.trial_id)
+            return
+        donor_epoch = (latest.metrics or {}).get(self._time_attr)
+        if self._last_epoch is not None and donor_epoch is not None and donor_epoch >= self._last_epoch:
+            # The donor has finished: a clone of its final checkpoint would have no epoch left to
+            # train, and would end as a copy of the donor's model under another trial's name.
+            log.info("PBT: trial %s has finished; trial %s is not cloned from it", donor.trial_id, trial.trial_id)
             return
         state = self._trial_state[donor]
         state.last_checkpoint, state.last_result = latest.checkpoint, latest.metrics

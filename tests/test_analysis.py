@@ -169,7 +169,11 @@ def test_summaries_of_a_real_search(search_exp: Path) -> None:
     assert lb[fin][exp.objective_col].is_monotonic_decreasing and lb[~fin][exp.objective_col].is_monotonic_decreasing
     assert lb[exp.objective_col].iloc[0] == pytest.approx(exp.best().value)
     hist = exp.best_so_far()
-    assert hist["best_so_far"].iloc[-1] == pytest.approx(exp.best().value)
+    # The running best over every trial's score: a trial ASHA stopped can score above every finished
+    # one (at a smaller budget), so the curve ends at or above the best finished trial's score.
+    values = pd.to_numeric(t[exp.objective_col], errors="coerce")
+    assert hist["best_so_far"].iloc[-1] == pytest.approx(values.max())
+    assert hist["best_so_far"].iloc[-1] >= exp.best().value - 1e-9
     assert hist["best_so_far"].is_monotonic_increasing
     # Compute accounting: spent = sum of the epochs run; full budget = trials x max_t.
     c = exp.compute().iloc[0]

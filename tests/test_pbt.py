@@ -249,6 +249,36 @@ def test_pb2_picks_ranges_by_gp_ucb_inside_the_bounds_and_perturbs_choices() -> 
     assert len(set(picks)) > 1  # later picks avoid the points taken in the same round
 
 
+def test_no_clone_from_a_donor_that_has_finished() -> None:
+    """A donor whose latest checkpoint is its last epoch would leave the clone nothing to train
+    (seen in a PB2 search: the clone ended as a copy of the donor's final model)."""
+    from types import SimpleNamespace
+
+    from pcl_tune.searcher import BoundedPBT
+
+    pbt = BoundedPBT(params=[PARAMS[0]], seed=0, metric="knn_top1", mode="max", time_attr="epoch",
+                     perturbation_interval=1, last_epoch=6)
+    exploited: list[tuple[str, str]] = []
+    pbt._exploit = lambda controller, trial, donor: exploited.append((trial.trial_id, donor.trial_id))  # type: ignore[method-assign]
+
+    class Trial:  # hashable, as Tune's trials are (the scheduler keys its state by trial)
+        def __init__(self, name: str, epoch: int = 0) -> None:
+            latest = SimpleNamespace(checkpoint=f"ckpt_{name}", metrics={"epoch": epoch})
+            self.trial_id = name
+            self.run_metadata = SimpleNamespace(checkpoint_manager=SimpleNamespace(latest_checkpoint_result=latest))
+
+    def donor(name: str, epoch: int) -> Any:
+        return Trial(name, epoch)
+
+    weak = Trial("weak")
+    pbt._checkpoint_or_exploit(weak, None, [donor("done", 6)], [weak])
+    assert exploited == []
+    running = donor("running", 4)
+    pbt._trial_state[running] = SimpleNamespace(last_checkpoint=None, last_result=None)
+    pbt._checkpoint_or_exploit(weak, None, [running], [weak])
+    assert exploited == [("weak", "running")]
+
+
 # --------------------------------------------------------------------------- a clone's optimiser
 
 def test_a_run_resumed_with_other_optimiser_settings_takes_them(tmp_path: Path) -> None:
