@@ -197,9 +197,15 @@ def test_summaries_of_a_real_search(search_exp: Path) -> None:
     assert simple.fallback and "Spearman" in simple.method and "too few" in simple.describe()
     assert set(simple.table["param"]) == set(exp.searched_params)
     fan = exp.importance(min_trials=2)
-    assert fan.evaluator == "fanova" and "fANOVA" in fan.method
-    assert fan.table["importance"].sum() == pytest.approx(1.0)
-    assert set(fan.table["param"]) <= set(exp.params)
+    # Optuna's study holds ASHA-stopped trials as PRUNED; fANOVA reads the COMPLETE ones, and needs
+    # two with different scores. How many the smoke search finishes depends on its ASHA outcome.
+    done = exp.pcl_trials[exp.pcl_trials["status"] == "finished"][exp.objective_col].dropna()
+    if len(done) >= 2 and done.nunique() > 1:
+        assert fan.evaluator == "fanova" and "fANOVA" in fan.method
+        assert fan.table["importance"].sum() == pytest.approx(1.0)
+        assert set(fan.table["param"]) <= set(exp.params)
+    else:
+        assert fan.fallback and fan.notes, (len(done), fan.notes)
 
 
 @slow
