@@ -9,6 +9,7 @@ both start from :data:`TINY_SETTINGS`.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -134,3 +135,21 @@ def straight_and_resumed(cfg: dict[str, Any], root: Path) -> dict[str, Any]:
     dist.barrier()  # rank 0 has written the checkpoint every rank resumes from
     resumed = train_loop(cfg, out_dir=root / "resumed", verbose=False, resume_from=root / "resumed" / CHECKPOINT_DIR)
     return {"straight": straight, "resumed": resumed}
+
+
+NOT_REPRODUCIBLE = ("time_", "images_per_s")
+"""Keys of an epoch's record that depend on the machine's speed, not on the computation."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and (math.isnan(a) or math.isnan(b)):
+        return math.isnan(a) and math.isnan(b)
+    return bool(a == b)
+
+
+def record_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The keys where two epoch records differ (NaN equals NaN; timings ignored); both must have
+    the same keys."""
+    assert set(a) == set(b)
+    return {k: (a[k], b[k]) for k in a if not k.startswith(NOT_REPRODUCIBLE) and not _same(a[k], b[k])}
+

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_ranks, straight_and_resumed, tiny_settings
+from conftest import record_differences, run_ranks, straight_and_resumed, tiny_settings
 from torch import Tensor
 
 from pcl_tune.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE
@@ -216,18 +216,10 @@ def _amcl_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
                           "pcl.proto_head": 1, **(changes or {})})
 
 
-NOT_REPRODUCIBLE = ("time_", "images_per_s")
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and (math.isnan(a) or math.isnan(b)):
-        return math.isnan(a) and math.isnan(b)
-    return bool(a == b)
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    assert set(a) == set(b)
-    return {k: (a[k], b[k]) for k in a if not k.startswith(NOT_REPRODUCIBLE) and not _same(a[k], b[k])}
 
 
 def test_a_multi_head_run_reports_every_head_and_resumes_bit_for_bit(tmp_path: Path) -> None:
@@ -246,7 +238,7 @@ def test_a_multi_head_run_reports_every_head_and_resumes_bit_for_bit(tmp_path: P
     train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, max_epochs=1)
     resumed = train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, resume_from=ckpt)
     for epoch in range(3):
-        assert _differences(straight[epoch], resumed[epoch]) == {}, epoch
+        assert record_differences(straight[epoch], resumed[epoch]) == {}, epoch
     ends = [torch.load(tmp_path / r / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=True) for r in ("straight", "resumed")]
     model = ends[0]["model"]
     assert model["queue"].shape == (2, 256, 128)  # (heads, queue_size, low_dim) of the tiny run
@@ -307,7 +299,7 @@ def test_all_heads_cluster_each_head_on_its_own_and_resume_bit_for_bit(tmp_path:
     train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, max_epochs=2)
     resumed = train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, resume_from=tmp_path / "resumed" / CHECKPOINT_DIR)
     for epoch in range(3):
-        assert _differences(straight[epoch], resumed[epoch]) == {}, epoch
+        assert record_differences(straight[epoch], resumed[epoch]) == {}, epoch
     assert math.isfinite(straight[-1]["loss_proto"])
 
 
@@ -359,7 +351,7 @@ def test_two_gloo_ranks_agree_and_resume_exactly(tmp_path: Path) -> None:
     assert r0["temperature_net"]["weight"].abs().sum() > 0
     for r in (r0, r1):
         for epoch in range(3):
-            assert _differences(r["straight"][epoch], r["resumed"][epoch]) == {}, epoch
+            assert record_differences(r["straight"][epoch], r["resumed"][epoch]) == {}, epoch
     assert [m["loss_inst_head_0"] for m in r0["straight"]] == [m["loss_inst_head_0"] for m in r1["straight"]]
 
 

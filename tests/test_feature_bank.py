@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_ranks, straight_and_resumed, tiny_settings
+from conftest import record_differences, run_ranks, straight_and_resumed, tiny_settings
 
 from pcl_tune.config import ConfigError, config_from_dict
 from pcl_tune.data import FileImageDataset, cache_file_datasets, iterate_batches, load_datasets
@@ -34,7 +34,6 @@ pytestmark = pytest.mark.usefixtures("torch_threads")
 EMBED = importlib.import_module("pcl_tune.train.embed")
 EPOCH = importlib.import_module("pcl_tune.train.epoch")
 LOOP = importlib.import_module("pcl_tune.train.loop")
-NOT_REPRODUCIBLE = ("time_", "images_per_s")
 WORLD = 2
 D = 128  # model.low_dim of the tiny run (the default)
 DDP_SUBSET = 37  # 4 global batches of 8: 5 images dropped every epoch, so the bank has gaps to fill
@@ -45,15 +44,8 @@ def _bank_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
     return tiny_settings({"clustering.features": "bank", "data.subset": 250, **(changes or {})})
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and (math.isnan(a) or math.isnan(b)):
-        return math.isnan(a) and math.isnan(b)
-    return bool(a == b)
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    assert set(a) == set(b)
-    return {k: (a[k], b[k]) for k in a if not k.startswith(NOT_REPRODUCIBLE) and not _same(a[k], b[k])}
 
 
 @contextlib.contextmanager
@@ -199,7 +191,7 @@ def test_resume_with_a_bank_equals_the_straight_run(tmp_path: Path) -> None:
     resumed = train_loop(cfg, out_dir=tmp_path / "resumed", verbose=False, resume_from=ckpt)
     assert [m["epoch"] for m in resumed] == [1, 2, 3, 4]
     for epoch in range(4):
-        diff = _differences(straight[epoch], resumed[epoch])
+        diff = record_differences(straight[epoch], resumed[epoch])
         assert diff == {}, f"epoch {epoch + 1}: {diff}"
     ends = [torch.load(tmp_path / r / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=True) for r in ("straight", "resumed")]
     for name, value in ends[0]["model"].items():
@@ -331,7 +323,7 @@ def test_two_ranks_hold_the_same_full_bank_as_one_process(tmp_path: Path) -> Non
     for r in ranks:
         assert [m["epoch"] for m in r["resumed"]] == [1, 2, 3]
         for a, b in zip(r["straight"], r["resumed"]):
-            assert _differences(a, b) == {}, (r["world"], a["epoch"])
+            assert record_differences(a, b) == {}, (r["world"], a["epoch"])
     ends = [torch.load(tmp_path / run / CHECKPOINT_DIR / CHECKPOINT_FILE, weights_only=True) for run in ("straight", "resumed")]
     for name, value in ends[0]["model"].items():
         assert torch.equal(value, ends[1]["model"][name]), name
@@ -410,7 +402,7 @@ def test_runs_with_and_without_the_cache_are_identical(tmp_path: Path) -> None:
             for mb in (0, 64) for f in ("pass", "bank")]
     for a, b in ((runs[0], runs[2]), (runs[1], runs[3])):
         for epoch in range(2):
-            assert _differences(a[epoch], b[epoch]) == {}, epoch
+            assert record_differences(a[epoch], b[epoch]) == {}, epoch
 
 
 if __name__ == "__main__":
