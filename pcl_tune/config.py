@@ -193,15 +193,14 @@ class ClusteringConfig:
     recomputed next epoch anyway."""
     max_points_per_centroid: int = 1000
     min_points_per_centroid: int = 10
-    features: str = "pass"
-    """What k-means clusters at the start of each epoch after warm-up: ``bank`` (a memory bank of the
-    key embeddings the training steps computed, one row per train image, as DeepCluster-v2: no pass;
-    images no step has seen yet are embedded by a pass over just them) or ``pass`` (the reference:
-    the momentum encoder's head embeddings of the eval view of every train image, from a pass over
-    the train set, which an evaluated epoch shares with its kNN bank); METHOD.md §2. ``bank`` measured
-    no worse; ``pass`` stays the default until a full CI run with ``bank`` as the default is green
-    on a quiet machine: on the embedded default (demo settings, 60 epochs, 3
-    paired seeds) NMI +0.039 [+0.024, +0.053] and kNN +2.1 [-5.1, +9.4] points (not resolved).
+    features: str = "bank"
+    """What k-means clusters at the start of each epoch after warm-up: ``bank`` (the default: a memory
+    bank of the key embeddings the training steps computed, one row per train image, as
+    DeepCluster-v2: no pass; images no step has seen yet are embedded by a pass over just them) or
+    ``pass`` (the reference: the momentum encoder's head embeddings of the eval view of every train
+    image, from a pass over the train set, which an evaluated epoch shares with its kNN bank);
+    METHOD.md §2. ``bank`` measured no worse on the embedded default (demo settings, 60 epochs, 3
+    paired seeds): NMI +0.039 [+0.024, +0.053] and kNN +2.1 [-5.1, +9.4] points (not resolved).
     With every epoch evaluated (eval.every 1, as a search needs) the time per epoch is the same:
     the kNN bank still needs its pass; with eval.every > 1 the unevaluated epochs make no pass."""
 
