@@ -27,7 +27,7 @@ from .tables import STATUSES
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis",
                                 description="Summarise pcl_tune search experiments and write their reports.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folder(s): <storage-path>/<name>")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folder(s): <storage-path>/<name>, a path or a URI (s3://bucket/prefix/name)")
     p.add_argument("--metric", help="objective to analyse (default: the search's)")
     p.add_argument("--mode", choices=["min", "max"], help="direction of --metric (default: the search's for its "
                                                           "own metric, else the metric's in pcl_tune.metrics)")
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --top {args.top}: expected an integer >= 1", file=sys.stderr)
         return 2
     experiments: list[Experiment] = []
+    run_dirs_by_exp: dict[int, str] = {}
     for run_dir in args.run_dirs:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AnalysisWarning)
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             if issubclass(w.category, AnalysisWarning):
                 print(f"warning: {w.message}", file=sys.stderr)
         experiments.append(exp)
+        run_dirs_by_exp[id(exp)] = str(run_dir)
     from . import report
 
     for exp in experiments:
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                            min_trials=args.min_trials, experiment=exp)
                 print(f"\nreport: {path} (and {path.with_suffix('.md').name}); tables and plots in "
                       f"{path.parent / 'analysis'}")
+                _upload_report(run_dirs_by_exp[id(exp)])
         except AnalysisError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -139,6 +142,21 @@ def main(argv: list[str] | None = None) -> int:
             paths = report.write_comparison(experiments, out)
             print(f"comparison: {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def _upload_report(run_dir: str) -> None:
+    """A remote experiment (a URI) gets its report uploaded beside its trials."""
+    from pcl_tune.experiment_folder import REPORT_FILES
+    from pcl_tune.storage import StorageError, Store, is_uri
+
+    if not is_uri(run_dir):
+        return
+    store = Store.of_folder(run_dir)
+    try:
+        store.push(*REPORT_FILES)
+        print(f"uploaded the report to {store.display}")
+    except StorageError as e:
+        print(f"warning: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -65,9 +65,26 @@ def objective(space: SearchSpace, metric: str | None, mode: str | None) -> tuple
     return chosen, mode
 
 
+def local_copy(run_dir: str | Path) -> Path:
+    """The folder to read: ``run_dir`` itself, or a remote experiment's up-to-date working copy."""
+    from pcl_tune.storage import StorageError, Store, is_uri
+
+    if not is_uri(str(run_dir)):
+        return Path(run_dir).expanduser()
+    try:
+        store = Store.of_folder(str(run_dir))
+        if not store.exists():
+            raise AnalysisError(f"{store.display}: no such experiment (nothing stored under it)")
+        return store.pull()
+    except StorageError as e:
+        raise AnalysisError(str(e)) from None
+
+
 def read_experiment(run_dir: str | Path, metric: str | None = None, mode: str | None = None) -> FolderContents:
-    """Read every file of the folder (use :func:`analysis.load`, which wraps this in an Experiment)."""
-    exp = Path(run_dir).expanduser()
+    """Read every file of the folder (use :func:`analysis.load`, which wraps this in an Experiment).
+    A URI (``s3://bucket/prefix/name``) is first downloaded into its working copy
+    (:meth:`pcl_tune.storage.Store.pull`, checkpoint weights left remote), which is then read."""
+    exp = local_copy(run_dir)
     if not exp.exists():
         raise AnalysisError(f"{exp}: no such folder")
     if not exp.is_dir():

@@ -1,7 +1,7 @@
 """The experiment folder a search writes and the analysis reads: its file names, its space record,
 and the one definition of "the best trial".
 
-``<storage-path>/<name>/`` holds:
+``<storage-path>/<name>/`` (a folder, or a prefix on object storage: :mod:`pcl_tune.storage`) holds:
 
 * ``search_space.yaml``: a copy of the space file the search ran (``--resume`` reads it back);
 * ``space.json``: :meth:`pcl_tune.space.SearchSpace.to_json` plus a ``run`` record (executor,
@@ -41,6 +41,8 @@ TRIAL_PREFIX = "trial_"
 RESULT_JSON = "result.json"
 PROGRESS_CSV = "progress.csv"
 """Tune's per-trial results, inside each ``trial_<id>/``."""
+REPORT_FILES = ("report.html", "report.md", "analysis")
+"""What the analysis writes into an experiment folder (uploaded beside a remote one's trials)."""
 
 
 def write_space_json(exp_dir: Path, space: SearchSpace, run: dict[str, Any]) -> Path:

@@ -3,8 +3,12 @@
 This is the only module that builds Tuners: it plans resources and concurrency, builds the
 Tuner (or restores one), and summarises the result. What runs inside a trial (the ``direct`` and
 ``train`` executors) is :mod:`pcl_tune.trials`; the experiment folder's files are named in
-:mod:`pcl_tune.experiment_folder`. The Optuna study (``optuna.db``) opens with
-``optuna-dashboard sqlite:///<experiment>/optuna.db``.
+:mod:`pcl_tune.experiment_folder`, and where it lives (a folder, a shared file system, object
+storage) and where its Optuna study lives are :mod:`pcl_tune.storage`'s. The Optuna study
+(``optuna.db``) opens with ``optuna-dashboard sqlite:///<experiment>/optuna.db``.
+
+On a cluster of several nodes a storage folder must be one every node reads: the search checks
+it (a marker written here, read by a task on every node) before any trial starts.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from . import experiment_folder as F
 from .config import unwritable_reason
 from .data import check_dataset
 from .space import SearchSpace, SpaceError, check_batch_size, load_space
+from .storage import StorageError, Store, check_study_url, default_study_url, join, nodes_missing_path, redact
 from .trials import direct_trial, threads_for, train_trial
 
 log = logging.getLogger("pcl_tune.search")
@@ -223,17 +228,53 @@ def _check_address(address: str, what: str, timeout: float = 3.0) -> None:
                          "`ray start --head` or check the address") from None
 
 
-def _check_resumable(exp_dir: Path, name: str) -> None:
-    """``exp_dir`` holds a search that ``--resume`` can continue; raises :class:`SpaceError`."""
-    if not exp_dir.exists():
-        raise SpaceError(f"--resume --name {name}: no experiment {exp_dir} to resume (check --name and --storage-path)")
+def _check_resumable(store: Store, name: str) -> None:
+    """``store`` holds a search that ``--resume`` can continue (a remote one is downloaded into its
+    working copy first); raises :class:`SpaceError`."""
+    if not store.exists():
+        raise SpaceError(f"--resume --name {name}: no experiment {store.display} to resume (check --name and "
+                         "--storage-path)")
+    exp_dir = store.pull()
     if not (exp_dir / F.SPACE_YAML).is_file():
-        raise SpaceError(f"{exp_dir}: not a pcl_tune experiment (no {F.SPACE_YAML}); nothing to resume")
+        raise SpaceError(f"{store.display}: not a pcl_tune experiment (no {F.SPACE_YAML}); nothing to resume")
     from ray import tune
 
-    if not tune.Tuner.can_restore(str(exp_dir)):
-        raise SpaceError(f"{exp_dir}: Ray Tune saved no state there (the search stopped before it started); "
+    if not tune.Tuner.can_restore(store.uri):
+        raise SpaceError(f"{store.display}: Ray Tune saved no state there (the search stopped before it started); "
                          "nothing to resume: start it again under another --name")
+
+
+def _study_url(store: Store, space: SearchSpace, args: argparse.Namespace, run: dict[str, Any]) -> str | None:
+    """The Optuna storage URL of a TPE search (None for grid and PBT searches): ``--optuna-storage``
+    or the experiment folder's ``optuna.db``. On ``--resume`` it must be the study the search
+    started with (``run['optuna_storage']``, recorded without its password), which must exist:
+    anything else would fork the study. Raises :class:`SpaceError`."""
+    given = args.optuna_storage
+    if space.is_pbt or space.algorithm == "grid":
+        if given:
+            raise SpaceError(f"--optuna-storage: {space.path} is a {'PBT' if space.is_pbt else 'grid'} search; "
+                             "it has no Optuna study")
+        return None
+    if given:
+        check_study_url(given, store)
+    url = given or default_study_url(store, F.OPTUNA_DB)
+    if not args.resume:
+        return url
+    started = run.get("optuna_storage")  # absent: the experiment folder's own optuna.db
+    if (redact(given) if given else None) != started:
+        raise SpaceError(f"--resume: the search's Optuna study is {started or 'the experiment folder`s optuna.db'}"
+                         f", not {redact(given) if given else 'the experiment folder`s optuna.db'}; resuming with "
+                         "another would fork the study: "
+                         + (f"pass --optuna-storage {started}" if started else "leave --optuna-storage out"))
+    import optuna
+
+    from .storage import open_study_storage
+
+    if space.name not in optuna.study.get_all_study_names(open_study_storage(url)):
+        where = redact(url) if given else f"{store.display}/{F.OPTUNA_DB}"
+        raise SpaceError(f"--resume: the Optuna study {space.name!r} is not in {where}; resuming would start "
+                         "TPE from nothing beside the trials Tune restores (a forked study)")
+    return url
 
 
 def _check_cli_numbers(args: argparse.Namespace) -> None:
@@ -265,14 +306,17 @@ def _port_free(port: int, *, pick: bool = False) -> Any:
         return int(sock.getsockname()[1]) if pick else True
 
 
-def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: int, restore: bool,
-                warm: Any = None) -> Any:
+def build_tuner(space: SearchSpace, plan: Plan, store: Store, *, max_failures: int, restore: bool,
+                warm: Any = None, study_url: str | None = None) -> Any:
+    """The Tuner of a new search, or the restored one (``restore``). ``study_url``: the Optuna
+    storage of a TPE search (default: the experiment folder's ``optuna.db``)."""
     import optuna
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from .config import merge
-    from .searcher import BaselineExemptASHA, ResumableOptunaSearch
+    from .searcher import BaselineExemptASHA, ResumableOptunaSearch, StoreSync, set_study_storage
+    from .storage import open_study_storage
 
     # Each trial keeps its best epoch's weights (checkpoint/best.pt) by the search's objective.
     fixed = merge(dict(space.fixed), {"eval.best_metric": space.metric})
@@ -282,15 +326,18 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
         fn = tune.with_parameters(train_trial, fixed=fixed, workers=plan.workers_per_trial,
                                   cpus_per_worker=plan.worker_resources.get("CPU", 1.0),
                                   gpus_per_worker=plan.worker_resources.get("GPU", 0.0),
-                                  train_storage=str(exp_dir / F.TRAIN_RUNS), max_failures=max_failures)
+                                  train_storage=join(store.uri, F.TRAIN_RUNS),
+                                  max_failures=max_failures)
     resources = {k.lower() if k in ("CPU", "GPU") else k: v for k, v in plan.trial_resources.items()}
     trainable = tune.with_resources(fn, resources)
     if space.is_pbt:
         # Ray warns that num_to_keep <= 2 can delete a donor's checkpoint before its clone restores:
         # BoundedPBT clones the donor's latest checkpoint (never deleted) and copies it at once.
         warnings.filterwarnings("ignore", message=r"Using `CheckpointConfig.num_to_keep <= 2` with PBT")
+    study_url = study_url or default_study_url(store, F.OPTUNA_DB)
+    set_study_storage(study_url)  # what a restored (or copied) searcher reconnects to
     if restore:
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(store.uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
     param_space: dict[str, Any] = {}
     searcher: Any
     scheduler: Any = None
@@ -305,7 +352,7 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
         searcher = BasicVariantGenerator(points_to_evaluate=cells, max_concurrent=plan.max_concurrent)
         num_samples = len(cells)
     else:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / F.OPTUNA_DB}")
+        storage = open_study_storage(study_url)
         if warm is not None and warm.trials:
             from .warm_start import seed_study
 
@@ -335,7 +382,8 @@ def build_tuner(space: SearchSpace, plan: Plan, exp_dir: Path, *, max_failures: 
             trial_name_creator=lambda t: f"trial_{t.trial_id}",
         ),
         run_config=tune.RunConfig(
-            name=exp_dir.name, storage_path=str(exp_dir.parent),
+            name=store.name, storage_path=store.root,
+            callbacks=[StoreSync(store)] if store.remote else None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures if plan.executor == "direct" else 0),
             verbose=1,
@@ -425,7 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="search-space YAML (see search_spaces/); with --resume defaults to the copy "
                                    "in the experiment folder")
     p.add_argument("--name", help="experiment name (default: the space's name)")
-    p.add_argument("--storage-path", default="./runs", help="parent folder of experiments (default ./runs)")
+    p.add_argument("--storage-path", default="./runs",
+                   help="where experiments go: a folder (on a cluster, one every node mounts) or an object-store "
+                        "URI such as s3://bucket/prefix, credentials from the environment (default ./runs)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="the Optuna study's database: postgresql://..., mysql+pymysql://..., "
+                        "sqlite:////abs/path.db or journal:////abs/path.log (default: optuna.db in the "
+                        "experiment folder; pcl_tune/storage.py)")
     p.add_argument("--num-samples", type=int, help="number of trials")
     p.add_argument("--max-concurrent", type=int, help="cap on concurrent trials")
     p.add_argument("--executor", choices=["direct", "train"], help="run trials directly or through Ray Train")
@@ -461,9 +515,12 @@ def _warm_start(space: SearchSpace, args: argparse.Namespace) -> Any:
     if space.algorithm == "grid" or space.is_ablation or space.is_pbt:
         raise SpaceError(f"--warm-start: {space.path} is a grid, an ablation or a PBT search; only a TPE search is "
                          "warm-started")
+    from .storage import is_uri
     from .warm_start import load_warm_start
 
-    warm = load_warm_start(args.warm_start, space, top=args.warm_start_top)
+    # A remote earlier search is read from its working copy (weights stay remote).
+    folders = [str(Store.of_folder(w).pull()) if is_uri(w) else w for w in args.warm_start]
+    warm = load_warm_start(folders, space, top=args.warm_start_top)
     space.points_to_evaluate = list(space.points_to_evaluate) + warm.points
     return warm
 
@@ -482,8 +539,8 @@ def check_experiment_name(name: str, where: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
-    storage_root = Path(args.storage_path).expanduser().resolve()
     try:
+        root = Store.open(args.storage_path, "_").root
         _check_cli_numbers(args)
         if args.warm_start and args.resume:
             raise SpaceError("--warm-start goes with a new search, not --resume (the study already has its trials)")
@@ -491,8 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SpaceError("--resume needs --name (or --space) to find the experiment folder")
         if args.resume and not args.space:
             check_experiment_name(args.name, "--name")
-            _check_resumable(storage_root / args.name, args.name)
-            space_file = storage_root / args.name / F.SPACE_YAML
+            _check_resumable(Store(root, args.name), args.name)
+            space_file = Store(root, args.name).local / F.SPACE_YAML
         else:
             if not args.space:
                 raise SpaceError("--space FILE is required (see search_spaces/)")
@@ -505,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
                              "--workers-per-trial")
         name = args.name or space.name
         check_experiment_name(name, "--name" if args.name else f"{space.path}: key 'name'")
-        exp_dir = storage_root / name
+        store = Store(root, name)
+        exp_dir = store.local
+        if args.optuna_storage:
+            check_study_url(args.optuna_storage, store)
         warm = _warm_start(space, args)
         if args.dry_run:
             import multiprocessing
@@ -522,15 +582,21 @@ def main(argv: list[str] | None = None) -> int:
             except SpaceError as e:
                 plan_text = str(e).split("key 'resources': ", 1)[-1] + " (declare --num-cpus/--num-gpus or use --address)"
             print(f"  resources ({where}; assumed {cpus:g} CPU / {gpus:g} GPU): {plan_text}")
-            print(f"  experiment folder: {exp_dir}")
+            print(f"  experiment folder: {store.display}" + (f" (working copy {exp_dir})" if store.remote else ""))
             return 0
         if args.resume and args.space:
-            _check_resumable(exp_dir, name)
-        if not args.resume and exp_dir.exists() and any(exp_dir.iterdir()):
-            raise SpaceError(f"{exp_dir} already exists; pass --resume to continue it or choose another --name")
+            _check_resumable(store, name)
+        if not args.resume and store.exists():
+            raise SpaceError(f"{store.display} already exists; pass --resume to continue it or choose another --name")
+        if store.remote:
+            store.check_writable()
+            if not args.resume:
+                store.reset_local()
         reason = unwritable_reason(exp_dir, folder=True)
         if reason:
             raise SpaceError(f"--storage-path {args.storage_path}: cannot write the experiment folder {exp_dir}: {reason}")
+        run_record = F.read_space_json(exp_dir)[1] if args.resume and (exp_dir / F.SPACE_JSON).is_file() else {}
+        study_url = _study_url(store, space, args, run_record)
         address = args.address or os.environ.get("RAY_ADDRESS")
         if address:
             _check_address(address, "--address" if args.address else "RAY_ADDRESS")
@@ -569,7 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_space(space), flush=True)
     if warm is not None:
         print("  " + "\n  ".join([warm.describe(), *warm.notes]), flush=True)
-    print(f"  resources: {plan.describe()}\n  experiment folder: {exp_dir}", flush=True)
+    print(f"  resources: {plan.describe()}\n  experiment folder: {store.display}"
+          + (f" (pcl_tune's files written first to {exp_dir})" if store.remote else ""), flush=True)
+    try:
+        _check_shared(store, args)
+    except SpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         shutil.copyfile(space_file, exp_dir / F.SPACE_YAML)
@@ -578,20 +650,62 @@ def main(argv: list[str] | None = None) -> int:
             "command": shlex.join([sys.executable, "-m", "pcl_tune.search"] + (argv if argv is not None else sys.argv[1:])),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             **({"warm_start": warm.sources} if warm is not None else {}),
+            **({"optuna_storage": redact(args.optuna_storage)} if args.optuna_storage else {}),
         })
-    tuner = build_tuner(space, plan, exp_dir, max_failures=args.max_failures, restore=args.resume, warm=warm)
+        store.push(F.SPACE_YAML, F.SPACE_JSON)
+    tuner = build_tuner(space, plan, store, max_failures=args.max_failures, restore=args.resume, warm=warm,
+                        study_url=study_url)
     t0 = time.time()
     results = tuner.fit()
     unfinished = [r for r in results if r.metrics is None or not r.metrics.get("done", True)]
+    if store.remote:
+        # The trials' files, for the summary and the report (weights stay remote); the driver's
+        # own files here are newer than or equal to their uploads.
+        store.pull(keep=(F.SPACE_YAML, F.SPACE_JSON, F.OPTUNA_DB))
     best = summarize(results, space, exp_dir)
     print(f"[pcl_tune] wall time {time.time() - t0:.0f}s", flush=True)
+    if study_url and args.optuna_storage:
+        _copy_study(study_url, space.name, exp_dir / F.OPTUNA_DB)
     if not args.no_report:
         _write_report(exp_dir)
+    try:
+        store.push(F.TRIALS_CSV, F.BEST_YAML, F.OPTUNA_DB, *F.REPORT_FILES)
+    except StorageError as e:
+        print(f"[pcl_tune] {e}; the files stay in {exp_dir}", file=sys.stderr)
     if unfinished and len(results) < space.total_trials():
         print("[pcl_tune] the search stopped early; continue it with: "
-              + shlex.join(["python", "-m", "pcl_tune.search", "--name", name, "--storage-path", str(storage_root),
-                            "--resume"]), flush=True)
+              + shlex.join(["python", "-m", "pcl_tune.search", "--name", name, "--storage-path", redact(root),
+                            "--resume"] + (["--optuna-storage", redact(args.optuna_storage)] if args.optuna_storage
+                                           else [])), flush=True)
     return 0 if best is not None else 1
+
+
+def _check_shared(store: Store, args: argparse.Namespace) -> None:
+    """On a cluster of several nodes, a file-system storage path must be one every node reads
+    (trials restore from it wherever they run); raises :class:`SpaceError` naming what to pass."""
+    if store.remote:
+        return
+    missing, total = nodes_missing_path(store.root)
+    if missing:
+        raise SpaceError(f"--storage-path {args.storage_path}: {store.root} is on this machine only: "
+                         f"{len(missing)} of the cluster's {total} nodes ({', '.join(missing)}) cannot read it; "
+                         "pass a folder every node mounts (a shared file system such as NFS) or an object-store "
+                         "URI (s3://bucket/prefix)")
+
+
+def _copy_study(url: str, study_name: str, dest: Path) -> None:
+    """A copy of a study kept in a database server, as the experiment folder's ``optuna.db``, so
+    the analysis reads it offline (replaced on every run)."""
+    import optuna
+
+    from .storage import open_study_storage
+
+    try:
+        dest.unlink(missing_ok=True)
+        optuna.copy_study(from_study_name=study_name, from_storage=open_study_storage(url),
+                          to_storage=f"sqlite:///{dest}")
+    except Exception as e:  # the search's results stand without the copy
+        print(f"[pcl_tune] could not copy the Optuna study into {dest}: {e}", file=sys.stderr)
 
 
 def _write_report(exp_dir: Path) -> None:

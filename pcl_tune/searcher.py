@@ -70,6 +70,57 @@ class ResumableOptunaSearch(OptunaSearch):
         self._stopped_trials = stopped_trials
         self._time_attr = time_attr
         self._values: dict[str, dict[int, float]] = {}  # trial -> step -> objective (pickled with the searcher)
+        url = str(getattr(self._storage, "url", ""))
+        # A SQLite file's URL holds no secret: kept as the fallback when no study URL is set.
+        self._file_url = url if url.startswith("sqlite:") else None
+
+    study_url: str | None = None
+    """The Optuna storage URL a restored searcher reconnects to (:func:`set_study_storage`)."""
+
+    # The study, its storage and Optuna's live trials are not pickled (neither in ``tuner.pkl``
+    # nor in Tune's searcher state): a storage pickles its URL, which can hold a database password
+    # and, for SQLite, the absolute path where the folder was when the search started. A restored
+    # searcher reconnects to the study the resuming command names; Optuna's trials are kept as
+    # their ids and re-attached.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_storage"] = None
+        state["_ot_study"] = None
+        state["_ot_trials"] = {tid: getattr(t, "_trial_id", t) for tid, t in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reconnect()
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """Open the study at :attr:`study_url` (else the SQLite file it was created with) and
+        re-attach Optuna's trials by id. A state of an earlier version that still holds its own
+        study keeps it when neither is known."""
+        url = type(self).study_url or getattr(self, "_file_url", None)
+        if url is None:
+            if self._ot_study is None:
+                raise RuntimeError("ResumableOptunaSearch restored without a study: call "
+                                   "pcl_tune.searcher.set_study_storage(url) first")
+            return
+        from .storage import open_study_storage
+
+        self._storage = open_study_storage(url)
+        # Not _setup_study: it would enqueue points_to_evaluate again. The study exists already.
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler,
+                                           pruner=optuna.pruners.NopPruner())
+        self._ot_trials = {tid: optuna.Trial(self._ot_study, getattr(t, "_trial_id", t))
+                           for tid, t in self._ot_trials.items()}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         baseline = getattr(self, "_baseline", None)
@@ -151,6 +202,54 @@ class ResumableOptunaSearch(OptunaSearch):
             return TS.COMPLETE, values[last_step]
         best = max if self.mode == "max" else min
         return TS.COMPLETE, best(values.values())
+
+
+class StoreSync(tune.Callback):
+    """Uploads pcl_tune's own files of an experiment on object storage from the driver's working
+    copy (:class:`pcl_tune.storage.Store`). ``optuna.db`` goes up at the end of the controller
+    step after a trial ended (the searcher has told Optuna by then) and, after results, at most
+    every ``every_s`` seconds; everything at the experiment's end. Tune uploads its own files and
+    the trials' itself. Pickled with the Tuner, it holds the store's root and name only, so a
+    search resumed on another machine uploads from that machine's copy."""
+
+    def __init__(self, store: Any, every_s: float = 10.0) -> None:
+        self.store = store
+        self.every_s = every_s
+        self._last = 0.0
+        self._dirty = False
+        self._ended = False
+
+    def _push_study(self) -> None:
+        from .experiment_folder import OPTUNA_DB
+
+        self._last, self._dirty, self._ended = time.monotonic(), False, False
+        try:
+            self.store.push(OPTUNA_DB)
+        except Exception as e:  # a failed upload must not end the search; the next one retries
+            log.warning("could not upload the Optuna study: %s", e)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        self._dirty = True
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._dirty = self._ended = True
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._dirty = self._ended = True
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if self._ended or (self._dirty and time.monotonic() - self._last >= self.every_s):
+            self._push_study()
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self._push_study()
+
+
+def set_study_storage(url: str | None) -> None:
+    """Name the Optuna storage a :class:`ResumableOptunaSearch` restored in this process opens
+    (``Tuner.restore`` unpickles the searcher before the search could pass it anything)."""
+    ResumableOptunaSearch.study_url = url
 
 
 class BaselineExemptASHA(AsyncHyperBandScheduler):

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint folder or file (checkpoint.pt or best.pt)")
-    src.add_argument("--best", metavar="RUN_DIR", help="evaluate the best --top trials of a search; writes "
+    src.add_argument("--best", metavar="RUN_DIR", help="evaluate the best --top trials of a search (a folder or an s3://... URI); writes "
                                                         "RUN_DIR/downstream.csv")
     p.add_argument("--top", type=int, default=3, help="with --best: how many trials (default 3)")
     p.add_argument("--task", dest="tasks", action="append", choices=TASKS,
@@ -183,10 +183,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.best:
+            from ..storage import StorageError, Store, is_uri
             from .best import evaluate_best
 
-            rows, path = evaluate_best(Path(args.best), args, progress=say)
-            print(f"[pcl_tune.evaluate] wrote {path}", file=sys.stderr)
+            store = Store.of_folder(args.best) if is_uri(args.best) else None
+            try:
+                if store is not None:  # a remote experiment: its working copy, weights included
+                    say(f"downloading {store.display} into {store.local}")
+                    store.pull(weights=True)
+                rows, path = evaluate_best(store.local if store else Path(args.best), args, progress=say)
+                if store is not None:
+                    store.push(path.name)
+            except StorageError as e:
+                raise EvaluationError(str(e)) from None
+            print(f"[pcl_tune.evaluate] wrote {path}" + (f" and uploaded it to {store.display}" if store else ""),
+                  file=sys.stderr)
         else:
             rows = evaluate_checkpoint(args.checkpoint, args, progress=say)
     except (EvaluationError, ValueError, OSError) as e:
