@@ -261,10 +261,10 @@ def _study_url(store: Store, space: SearchSpace, args: argparse.Namespace, run: 
     if not args.resume:
         return url
     started = run.get("optuna_storage")  # absent: the experiment folder's own optuna.db
+    own = "the experiment folder's optuna.db"
     if (redact(given) if given else None) != started:
-        raise SpaceError(f"--resume: the search's Optuna study is {started or 'the experiment folder`s optuna.db'}"
-                         f", not {redact(given) if given else 'the experiment folder`s optuna.db'}; resuming with "
-                         "another would fork the study: "
+        raise SpaceError(f"--resume: the search's Optuna study is in {started or own}, not in "
+                         f"{redact(given) if given else own}; resuming with another would fork the study: "
                          + (f"pass --optuna-storage {started}" if started else "leave --optuna-storage out"))
     import optuna
 

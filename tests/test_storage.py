@@ -308,6 +308,27 @@ def test_a_search_on_s3_is_killed_resumed_elsewhere_and_analysed(s3: dict[str, s
     assert yaml.safe_load(stored[f"runs/{name}/best.yaml"])["optim"]["lr"] == 0.08
 
 
+@pytest.mark.slow
+def test_a_ray_train_search_on_s3_keeps_its_train_runs_there(s3: dict[str, str], tmp_path: Path) -> None:
+    """The Ray Train executor (the GPU path): its workers' checkpoints go to the bucket through
+    Ray Train's own storage, under the experiment's ``train_runs/``."""
+    space = _space(tmp_path, lrs=[0.08], num_samples=1, epochs=2,
+                   resources={"executor": "train", "workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent": 1})
+    data = yaml.safe_load(space.read_text())
+    data["asha"] = {"enabled": False}
+    space.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "pcl_tune.search", "--space", str(space), "--storage-path",
+                           "s3://pcl/train", "--name", "ddp", "--num-cpus", "3", "--no-report"], capture_output=True,
+                          text=True, timeout=600, env={**_env(), "PCL_TUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stored = _objects("train/ddp/")
+    assert any(k.startswith("train/ddp/train_runs/") and k.endswith(".pt") for k in stored), sorted(stored)[:20]
+    progress = [k for k in stored if k.endswith("progress.csv") and "/trial_" in k and "train_runs" not in k]
+    assert len(progress) == 1
+    assert list(pd.read_csv(pd.io.common.BytesIO(stored[progress[0]]))["epoch"]) == [1, 2]
+    assert s3["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
+
+
 # ----------------------------------------------------------------------------- node-local storage
 
 def _can_unshare() -> bool:
