@@ -315,7 +315,7 @@ def build_tuner(space: SearchSpace, plan: Plan, store: Store, *, max_failures: i
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from .config import merge
-    from .searcher import BaselineExemptASHA, ResumableOptunaSearch, StoreSync, set_study_storage
+    from .searcher import BaselineExemptASHA, ResumableOptunaSearch, set_study_storage
     from .storage import open_study_storage
 
     # Each trial keeps its best epoch's weights (checkpoint/best.pt) by the search's objective.
@@ -363,7 +363,7 @@ def build_tuner(space: SearchSpace, plan: Plan, store: Store, *, max_failures: i
                                          points_to_evaluate=space.points_to_evaluate or None,
                                          baseline=space.baseline_point() if space.has_baseline else None,
                                          max_t=space.resolved_max_t(), score=space.score,
-                                         stopped_trials=space.stopped_trials)
+                                         stopped_trials=space.stopped_trials, store=store)
         num_samples = space.total_trials()
     max_t = space.resolved_max_t()
     if space.asha:
@@ -383,7 +383,6 @@ def build_tuner(space: SearchSpace, plan: Plan, store: Store, *, max_failures: i
         ),
         run_config=tune.RunConfig(
             name=store.name, storage_path=store.root,
-            callbacks=[StoreSync(store)] if store.remote else None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures if plan.executor == "direct" else 0),
             verbose=1,

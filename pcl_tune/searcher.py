@@ -57,7 +57,8 @@ class ResumableOptunaSearch(OptunaSearch):
     """
 
     def __init__(self, *args: Any, baseline: dict[str, Any] | None = None, max_t: int | None = None,
-                 score: str = "last", stopped_trials: str = "pruned", time_attr: str = "epoch", **kwargs: Any) -> None:
+                 score: str = "last", stopped_trials: str = "pruned", time_attr: str = "epoch", store: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if score not in ("last", "best") or stopped_trials not in ("pruned", "complete"):
             raise ValueError(f"score must be last|best and stopped_trials pruned|complete, got {score!r}, "
@@ -73,6 +74,7 @@ class ResumableOptunaSearch(OptunaSearch):
         url = str(getattr(self._storage, "url", ""))
         # A SQLite file's URL holds no secret: kept as the fallback when no study URL is set.
         self._file_url = url if url.startswith("sqlite:") else None
+        self._store = store  # a pcl_tune.storage.Store: its study file is uploaded with each snapshot
 
     study_url: str | None = None
     """The Optuna storage URL a restored searcher reconnects to (:func:`set_study_storage`)."""
@@ -94,10 +96,22 @@ class ResumableOptunaSearch(OptunaSearch):
         self._reconnect()
 
     def save(self, checkpoint_path: str) -> None:
+        """Tune's snapshot of the searcher. With an experiment on object storage the study's file
+        is uploaded here, before Tune uploads the snapshot: the stored study is never older than
+        the stored searcher state that refers to its trials."""
         import pickle
 
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__getstate__(), f)
+        store = getattr(self, "_store", None)
+        # On object storage a SQLite study can only be the experiment's own (others are refused).
+        if store is not None and store.remote and self._file_url is not None:
+            from .experiment_folder import OPTUNA_DB
+
+            try:
+                store.push(OPTUNA_DB)
+            except Exception as e:  # the search goes on; the next snapshot uploads it again
+                log.warning("could not upload the Optuna study: %s", e)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -116,11 +130,19 @@ class ResumableOptunaSearch(OptunaSearch):
         from .storage import open_study_storage
 
         self._storage = open_study_storage(url)
+        self._file_url = url if url.startswith("sqlite:") else None
         # Not _setup_study: it would enqueue points_to_evaluate again. The study exists already.
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler,
                                            pruner=optuna.pruners.NopPruner())
         self._ot_trials = {tid: optuna.Trial(self._ot_study, getattr(t, "_trial_id", t))
                            for tid, t in self._ot_trials.items()}
+        # An enqueued trial Tune had asked for just before a kill can be stored as still WAITING:
+        # claim it again as Optuna's ask does, so it is not handed to another trial.
+        waiting = {t._trial_id for t in self._ot_study.get_trials(deepcopy=False,
+                                                                  states=(optuna.trial.TrialState.WAITING,))}
+        for tid, trial in self._ot_trials.items():
+            if trial._trial_id in waiting and tid not in self._completed_trials:
+                self._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.RUNNING)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         baseline = getattr(self, "_baseline", None)
@@ -202,48 +224,6 @@ class ResumableOptunaSearch(OptunaSearch):
             return TS.COMPLETE, values[last_step]
         best = max if self.mode == "max" else min
         return TS.COMPLETE, best(values.values())
-
-
-class StoreSync(tune.Callback):
-    """Uploads pcl_tune's own files of an experiment on object storage from the driver's working
-    copy (:class:`pcl_tune.storage.Store`). ``optuna.db`` goes up at the end of the controller
-    step after a trial ended (the searcher has told Optuna by then) and, after results, at most
-    every ``every_s`` seconds; everything at the experiment's end. Tune uploads its own files and
-    the trials' itself. Pickled with the Tuner, it holds the store's root and name only, so a
-    search resumed on another machine uploads from that machine's copy."""
-
-    def __init__(self, store: Any, every_s: float = 10.0) -> None:
-        self.store = store
-        self.every_s = every_s
-        self._last = 0.0
-        self._dirty = False
-        self._ended = False
-
-    def _push_study(self) -> None:
-        from .experiment_folder import OPTUNA_DB
-
-        self._last, self._dirty, self._ended = time.monotonic(), False, False
-        try:
-            self.store.push(OPTUNA_DB)
-        except Exception as e:  # a failed upload must not end the search; the next one retries
-            log.warning("could not upload the Optuna study: %s", e)
-
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
-        self._dirty = True
-
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._dirty = self._ended = True
-
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._dirty = self._ended = True
-
-    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        if self._ended or (self._dirty and time.monotonic() - self._last >= self.every_s):
-            self._push_study()
-
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self._push_study()
 
 
 def set_study_storage(url: str | None) -> None:

@@ -10,8 +10,9 @@ pcl_tune's own files of an experiment (the space copy, ``space.json``, ``optuna.
 ``trials.csv``, ``best.yaml``, the report) are written by the driver. On a file system they are
 written into the experiment folder. On object storage the driver writes them into a working copy
 on its own disk, :attr:`Store.local` (under ``$PCL_TUNE_CACHE``, default ``~/.cache/pcl_tune``),
-and uploads them (:meth:`Store.push`): the space files at once, ``optuna.db`` after results (at
-most every few seconds) and whenever a trial ends, the rest at the end. ``--resume`` and the
+and uploads them (:meth:`Store.push`): the space files at once, ``optuna.db`` whenever Tune saves
+its snapshot of the searcher (just before Tune uploads that snapshot, so the stored study is never
+older than the stored searcher state), the rest at the end. ``--resume`` and the
 analysis first download the experiment into that copy (:meth:`Store.pull`; checkpoint weights are
 left remote unless asked for).
 
@@ -328,10 +329,13 @@ def open_study_storage(url: str) -> Any:
 # -- is a file-system storage path shared by the cluster's nodes? ------------------------------
 def nodes_missing_path(root: str, timeout: float = 60.0) -> tuple[list[str], int]:
     """(addresses of the alive Ray nodes that cannot read a marker written under ``root`` by this
-    process, number of alive nodes). Call with Ray initialised; a one-node cluster is not probed."""
+    process, number of alive nodes); ([], 0) when Ray is not initialised. A one-node cluster is not
+    probed."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if not ray.is_initialized():
+        return [], 0
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return [], len(nodes)

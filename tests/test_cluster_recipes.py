@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_settings
+from test_search import _processes
 
 from pcl_tune.config import unflatten
 
@@ -157,38 +158,22 @@ def _space(tmp_path: Path) -> Path:
     return path
 
 
-def _processes() -> dict[int, tuple[int, str, bytes]]:
-    """pid -> (parent pid, start time, command line) of every live process (Linux /proc; zombies left out)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:  # it ended meanwhile
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) "
-            if fields[0] != "Z":
-                table[int(entry.name)] = (int(fields[1]), fields[19], cmdline)
-    return table
-
-
 def _started_by(root: int, marker: str) -> set[tuple[int, str]]:
     """(pid, start time) of the live descendants of ``root`` and of every process whose command
     line names ``marker`` (Ray's workers rename themselves, and outlive their raylet a moment)."""
-    table = _processes()
-    mine = {pid for pid, (_, _, cmd) in table.items() if marker.encode() in cmd}
+    table = {pid: p for pid, p in _processes().items() if p[1] != "Z"}  # zombies are dead
+    mine = {pid for pid, (_, _, cmd, _) in table.items() if marker.encode() in cmd}
     todo = [root] if root in table else []
     while todo:
         pid = todo.pop()
         mine.add(pid)
-        todo += [c for c, (parent, _, _) in table.items() if parent == pid and c not in mine]
-    return {(pid, table[pid][1]) for pid in mine if pid in table}
+        todo += [c for c, (parent, _, _, _) in table.items() if parent == pid and c not in mine]
+    return {(pid, table[pid][3]) for pid in mine if pid in table}
 
 
 def _alive(procs: set[tuple[int, str]]) -> set[tuple[int, str]]:
     table = _processes()
-    return {(pid, start) for pid, start in procs if pid in table and table[pid][1] == start}
+    return {(pid, start) for pid, start in procs if pid in table and table[pid][1] != "Z" and table[pid][3] == start}
 
 
 @pytest.fixture

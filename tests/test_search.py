@@ -1,5 +1,6 @@
-"""End-to-end searches on a local Ray (CPU): direct executor, Ray Train executor, a
-two-node cluster joined with ``--address``.
+"""End-to-end searches on a local Ray (CPU): direct executor, Ray Train executor. (A search
+joining a two-node cluster with ``--address`` runs in ``test_cluster_recipes.py``, through the
+Slurm script.)
 
 Each test starts the search as a subprocess, exactly as a user would. To make ASHA's decisions
 deterministic, the ASHA tests optimise ``lr`` (reported every epoch, proportional to the searched
@@ -11,13 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +155,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _processes() -> dict[int, tuple[int, str, bytes]]:
-    """pid -> (parent pid, state, command line) of every process on this machine (Linux ``/proc``)."""
+def _processes() -> dict[int, tuple[int, str, bytes, str]]:
+    """pid -> (parent pid, state, command line, start time) of every process on this machine (Linux
+    ``/proc``; the start time tells a pid reused by a later process apart)."""
     table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -168,7 +167,7 @@ def _processes() -> dict[int, tuple[int, str, bytes]]:
             except OSError:  # it ended meanwhile
                 continue
             fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) "; the name may hold spaces
-            table[int(entry.name)] = (int(fields[1]), fields[0], cmdline)
+            table[int(entry.name)] = (int(fields[1]), fields[0], cmdline, fields[19])
     return table
 
 
@@ -177,75 +176,13 @@ def _cluster_processes(roots: list[int], temp: str) -> set[int]:
     (``roots``; workers rename themselves ``ray::...``), and any whose command line names its
     temporary folder. Zombies (state Z) are dead and not counted."""
     table = _processes()
-    mine = {pid for pid, (_, _, cmd) in table.items() if temp.encode() in cmd}
+    mine = {pid for pid, (_, _, cmd, _) in table.items() if temp.encode() in cmd}
     todo = [pid for pid in roots if pid in table]
     while todo:
         pid = todo.pop()
         mine.add(pid)
-        todo += [child for child, (parent, _, _) in table.items() if parent == pid and child not in mine]
+        todo += [child for child, (parent, _, _, _) in table.items() if parent == pid and child not in mine]
     return {pid for pid in mine if pid in table and table[pid][1] != "Z"}
-
-
-@pytest.fixture
-def two_node_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, dict[str, str]]]:
-    """A head and a worker node on this machine, 2 CPUs each; yields (address, environment).
-
-    ``ray.cluster_utils.Cluster`` runs the nodes' processes as children of this test and stops
-    exactly those, so a Ray cluster of the user's on the same machine is left alone. Everything the
-    nodes write (sessions, sockets, the ``ray_current_cluster`` address file) lives in a temporary
-    folder of their own: short, because unix socket paths are limited to 107 bytes.
-    """
-    from ray.cluster_utils import Cluster
-
-    temp = tempfile.mkdtemp(prefix="pclray_", dir="/tmp")
-    ray_dir = Path(temp) / "ray"  # where Ray puts its files under RAY_TMPDIR
-    ray_dir.mkdir()
-    env = _env()
-    # No token auth: the search connects with --address and no token. RAY_TMPDIR moves the address
-    # file that Cluster writes (and deletes) away from the user's /tmp/ray.
-    env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=temp)
-    for key, value in env.items():
-        if os.environ.get(key) != value:
-            monkeypatch.setenv(key, value)  # the nodes' processes inherit this process's environment
-    # Both nodes take this machine's address, as `ray start` does (it turns 127.0.0.1 into it too):
-    # a driver connecting to 127.0.0.1 is sent there.
-    node = {"num_cpus": 2, "temp_dir": str(ray_dir), "object_store_memory": 256 * 1024 * 1024}
-    cluster = Cluster(shutdown_at_exit=True)
-    try:
-        # The dashboard stays on, as in a user's cluster; its ports are free ones, not the defaults
-        # a user's cluster may hold.
-        cluster.add_node(**node, include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=_free_port(), dashboard_agent_listen_port=None)
-        cluster.add_node(**node)
-        cluster.wait_for_nodes(timeout=120)
-        yield cluster.address, env
-    finally:
-        roots = [info.process.pid for n in cluster.list_all_nodes() for infos in n.all_processes.values()
-                 for info in infos]
-        started = _cluster_processes(roots, temp)
-        cluster.shutdown()
-        # Idle workers of the search's trials exit once their raylet is gone: wait, then check.
-        _wait_for(lambda: not _cluster_processes(list(started), temp), 60)
-        left = _cluster_processes(list(started), temp)
-        shutil.rmtree(temp, ignore_errors=True)
-        assert not left, f"processes of the test cluster still running: {sorted(left)}"
-
-
-def test_existing_cluster_runs_trials_on_both_nodes(tmp_path: Path, two_node_cluster: Any) -> None:
-    address, env = two_node_cluster
-    space = _space(tmp_path, lrs=[0.08, 0.04, 0.02, 0.01], num_samples=4, epochs=2,
-                   resources={"executor": "direct", "cpus_per_trial": 2, "max_concurrent": 2})
-    data = yaml.safe_load(space.read_text())
-    data["asha"] = {"enabled": False}
-    space.write_text(yaml.safe_dump(data, sort_keys=False))
-    proc = subprocess.run([sys.executable, "-m", "pcl_tune.search", "--space", str(space), "--storage-path",
-                           str(tmp_path / "runs"), "--name", "cluster", "--address", address, "--no-report"],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trials = _trials(tmp_path / "runs" / "cluster")
-    assert len(trials) == 4
-    nodes = {df["node_id"].iloc[-1] for df in trials.values()}
-    assert len(nodes) == 2  # each node holds exactly one 2-CPU trial at a time
 
 
 def test_searcher_skips_results_of_trials_optuna_already_finished(tmp_path: Path) -> None:

@@ -148,12 +148,13 @@ def test_the_tuner_starts_from_the_seeded_study(tmp_path: Path) -> None:
     """build_tuner puts the earlier trials into the new search's optuna.db before TPE reads it (no
     Ray is started: a Tuner is only built)."""
     from pcl_tune.search import build_tuner, make_plan
+    from pcl_tune.storage import Store
 
     space = _space(tmp_path, SPACE)
     ws = load_warm_start([_experiment(tmp_path / "runs", space)], space)
     exp_dir = tmp_path / "runs" / "new"
     exp_dir.mkdir()
-    build_tuner(space, make_plan(space, 2, 0), exp_dir, max_failures=0, restore=False, warm=ws)
+    build_tuner(space, make_plan(space, 2, 0), Store.of_folder(str(exp_dir)), max_failures=0, restore=False, warm=ws)
     study = optuna.load_study(study_name=space.name, storage=f"sqlite:///{exp_dir / F.OPTUNA_DB}")
     finished = [t for t in study.trials if t.state.is_finished()]
     assert sorted(t.params["optim.lr"] for t in finished) == [0.02, 0.05, 0.2]
