@@ -49,8 +49,10 @@ every epoch) on the console. By default they are DEBUG records (:func:`quiet_tra
 TRAIN_REPORT_MODULES = (
     "ray.train.v2._internal.execution.context",  # "Reporting training result N: TrainingReport(...)"
     "ray.train.v2._internal.execution.storage",  # "Checkpoint successfully created at: ..."
+    "ray.train._internal.storage",  # the same line from a Tune trial's own reports (direct executor)
 )
-"""The Ray Train (V2) modules whose ``logger`` writes an INFO line at every report on each worker.
+"""The Ray Train modules whose ``logger`` writes an INFO line at every report on each worker (and,
+the last one, in every direct-executor trial).
 Their loggers are taken from the modules, not by name: Ray 2.60's ``context`` module names its
 logger after its file path (``logging.getLogger(__file__)``), outside ``ray.train``, so Ray Train's
 own ``LoggingConfig(log_level=...)`` does not reach it (it propagates to the worker's root logger,
@@ -159,6 +161,7 @@ def direct_trial(params: dict[str, Any], *, fixed: dict[str, Any], threads: int)
     from .train import train_loop
 
     timing_event("trial_start", executor="direct")
+    quiet_train_reports()
     torch.set_num_threads(threads)
     cfg = config_from_dict(merge(merge(fixed, settings_of(params)), {"threads": threads, "progress": False}))
     with tempfile.TemporaryDirectory(prefix="pcl_tune_trial_") as tmp:
