@@ -255,9 +255,7 @@ def _study_url(store: Store, space: SearchSpace, args: argparse.Namespace, run: 
             raise SpaceError(f"--optuna-storage: {space.path} is a {'PBT' if space.is_pbt else 'grid'} search; "
                              "it has no Optuna study")
         return None
-    if given:
-        check_study_url(given, store)
-    url = given or default_study_url(store, F.OPTUNA_DB)
+    url = given or default_study_url(store, F.OPTUNA_DB)  # a given URL was checked by main()
     if not args.resume:
         return url
     started = run.get("optuna_storage")  # absent: the experiment folder's own optuna.db
